@@ -9,9 +9,11 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
   "${pip[@]}" torch==2.13.0        # PyPI's Linux build is the CUDA one
 else
-  # without a GPU, the CPU build: PyPI's default Linux wheel would pull several GB of CUDA libraries
-  "${pip[@]}" torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu
+  # without a GPU, the CPU build: PyPI's default Linux wheel would pull several GB of CUDA libraries.
+  # Only torch itself comes from PyTorch's CPU index; its dependencies come from PyPI just below.
+  "${pip[@]}" --no-deps torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu
 fi
+"${pip[@]}" torch==2.13.0
 "${pip[@]}" -r requirements.txt
 if [ "${1:-}" = "--dev" ]; then
   "${pip[@]}" -r requirements-dev.txt
