@@ -131,10 +131,11 @@ def _read_utf8(path):
                          f"convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
-def user_documents(data):
+def iter_user_documents(data):
     """`--data PATH`: a .txt/.md file, a .jsonl file with a "text" field (and an optional "source"),
     or a folder of them (searched recursively). In a folder, each top-level subfolder is a source;
-    files directly inside it belong to a source named after the folder."""
+    files directly inside it belong to a source named after the folder. Documents are read one at
+    a time, so a corpus larger than memory can stream through (03_pretrain.py tokenizes it so)."""
     root = Path(data)
     if not root.exists():
         raise FileNotFoundError(f"--data {data}: no such file or folder")
@@ -147,65 +148,71 @@ def user_documents(data):
     else:
         raise ValueError(f"--data {data}: expected a .txt, .md or .jsonl file or a folder of them")
 
-    docs = []
     for path in files:
         rel = path.relative_to(root) if root.is_dir() else Path(path.name)
         source = rel.parts[0] if len(rel.parts) > 1 else (root.name if root.is_dir() else path.stem)
         name = f"{source}/{rel.with_suffix('').as_posix()}"
         if path.suffix != ".jsonl":
-            docs.append(Document(source, name, _read_utf8(path)))
+            yield Document(source, name, _read_utf8(path))
             continue
-        for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                text = record["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: \"text\" must be a string, got {type(text).__name__}")
-            docs.append(Document(str(record.get("source", source)), f"{name}:{lineno}", text))
-    return docs
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno} is not UTF-8 text ({e.reason})") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{lineno}: \"text\" must be a string, got {type(text).__name__}")
+                yield Document(str(record.get("source", source)), f"{name}:{lineno}", text)
 
 
-def load_corpus(data=None, sources=None):
-    """Documents from `data` (a path, see `user_documents`) or, by default, the offline corpus.
-    `sources` picks a subset of the default sources by name."""
+def iter_documents(data=None, sources=None):
+    """Non-empty documents from `data` (a path, see `iter_user_documents`) or, by default, the
+    offline corpus; `sources` picks a subset of the default sources by name."""
     if data is not None:
-        docs = user_documents(data)
+        docs = iter_user_documents(data)
     else:
         unknown = set(sources or ()) - set(DEFAULT_SOURCES)
         if unknown:
             raise ValueError(f"unknown sources {sorted(unknown)}; the default corpus has {list(DEFAULT_SOURCES)}")
-        docs = [d for name in (sources or DEFAULT_SOURCES) for d in DEFAULT_SOURCES[name]()]
-    docs = [d for d in docs if d.text.strip()]
+        docs = (d for name in (sources or DEFAULT_SOURCES) for d in DEFAULT_SOURCES[name]())
+    return (d for d in docs if d.text.strip())
+
+
+def load_corpus(data=None, sources=None):
+    """All documents in memory (see `iter_documents`); an error if there are none."""
+    docs = list(iter_documents(data, sources))
     if not docs:
         raise ValueError(f"no text found in {data or 'the default corpus'}: every document is empty")
     return docs
 
 
+def is_held_out(name, val_fraction=0.05):
+    """Validation or training, decided by a hash of the document's name alone: the same document
+    lands on the same side in every run and every chapter, and a stream can decide doc by doc."""
+    return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) < val_fraction * 16**8
+
+
 def split_documents(docs, val_fraction=0.05):
-    """Hold out whole documents per source for validation, chosen by a hash of their name so the
-    split never changes when the corpus grows. A source with a single document gives the tail of
-    its text (cut at a line break) instead."""
-    by_source = defaultdict(list)
-    for d in docs:
-        by_source[d.source].append(d)
+    """Hold out about `val_fraction` of each source's documents (by `is_held_out`). A source that
+    gets none that way (a single file, a few documents) gives the tail of its last document."""
     train, val = [], []
-    for source, group in by_source.items():
-        if len(group) == 1:
-            d = group[0]
-            cut = d.text.rfind("\n", 0, int(len(d.text) * (1 - val_fraction)))
-            cut = cut if cut > 0 else int(len(d.text) * (1 - val_fraction))
-            train.append(Document(source, d.name, d.text[:cut]))
-            val.append(Document(source, d.name + "#val", d.text[cut:]))
-            continue
-        ranked = sorted(group, key=lambda d: hashlib.sha1(d.name.encode()).hexdigest())
-        n_val = max(1, round(len(group) * val_fraction))
-        held = {d.name for d in ranked[:n_val]}
-        train += [d for d in group if d.name not in held]
-        val += [d for d in group if d.name in held]
+    for d in docs:
+        (val if is_held_out(d.name, val_fraction) else train).append(d)
+    for source in {d.source for d in train} - {d.source for d in val}:
+        i = max(i for i, d in enumerate(train) if d.source == source)
+        d = train[i]
+        cut = d.text.rfind("\n", 0, int(len(d.text) * (1 - val_fraction)))
+        cut = cut if cut > 0 else int(len(d.text) * (1 - val_fraction))
+        train[i] = Document(source, d.name, d.text[:cut])
+        val.append(Document(source, d.name + "#val", d.text[cut:]))
     return train, val
 
 
