@@ -131,27 +131,49 @@ def _read_utf8(path):
                          f"convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
+
+
+def _parquet_documents(path, source, name):
+    """Rows of a Parquet file's "text" column (the format of FineWeb and most hub datasets)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
+    file = pq.ParquetFile(path)
+    if "text" not in file.schema_arrow.names:
+        raise ValueError(f"{path}: no \"text\" column (columns: {file.schema_arrow.names})")
+    row = 0
+    for batch in file.iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            yield Document(source, f"{name}:{row}", text or "")
+
+
 def iter_user_documents(data):
     """`--data PATH`: a .txt/.md file, a .jsonl file with a "text" field (and an optional "source"),
-    or a folder of them (searched recursively). In a folder, each top-level subfolder is a source;
+    a .parquet file with a "text" column (needs pyarrow), or a folder of them (searched recursively). In a folder, each top-level subfolder is a source;
     files directly inside it belong to a source named after the folder. Documents are read one at
     a time, so a corpus larger than memory can stream through (03_pretrain.py tokenizes it so)."""
     root = Path(data)
     if not root.exists():
         raise FileNotFoundError(f"--data {data}: no such file or folder")
     if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".jsonl"))
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
-            raise ValueError(f"--data {data}: the folder holds no .txt, .md or .jsonl files")
-    elif root.suffix in (".txt", ".md", ".jsonl"):
+            raise ValueError(f"--data {data}: the folder holds no {', '.join(TEXT_SUFFIXES)} files")
+    elif root.suffix in TEXT_SUFFIXES:
         files = [root]
     else:
-        raise ValueError(f"--data {data}: expected a .txt, .md or .jsonl file or a folder of them")
+        raise ValueError(f"--data {data}: expected a {', '.join(TEXT_SUFFIXES)} file or a folder of them")
 
     for path in files:
         rel = path.relative_to(root) if root.is_dir() else Path(path.name)
         source = rel.parts[0] if len(rel.parts) > 1 else (root.name if root.is_dir() else path.stem)
         name = f"{source}/{rel.with_suffix('').as_posix()}"
+        if path.suffix == ".parquet":
+            yield from _parquet_documents(path, source, name)
+            continue
         if path.suffix != ".jsonl":
             yield Document(source, name, _read_utf8(path))
             continue

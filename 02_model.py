@@ -370,18 +370,20 @@ def kv_cache_bytes(args, seq_len, bytes_per_value=2):
 class KVCache:
     """Keys and values of all layers for a batch of sequences, preallocated to max_len positions."""
 
-    def __init__(self, args, batch_size, max_len, device=None, dtype=torch.float32):
-        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, args, batch_size, max_len, device=None):
+        self.shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.k = self.v = None  # allocated by the first update, in the dtype attention computes in
         self.doc_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.pos = 0  # positions filled so far; Transformer.forward advances it
 
     def update(self, layer, k, v):
         """Store this call's keys/values (B, Hkv, T, Dh); return all so far (B, Hkv, pos+T, Dh)."""
+        if self.k is None:  # bf16 under autocast or FSDP mixed precision, else the weights' dtype
+            self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+            self.v = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
         end = self.pos + k.shape[2]
-        if end > self.k.shape[3]:
-            raise ValueError(f"KV cache holds {self.k.shape[3]} positions; {end} needed")
+        if end > self.shape[3]:
+            raise ValueError(f"KV cache holds {self.shape[3]} positions; {end} needed")
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -425,7 +427,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
     for row, prompt in enumerate(prompts):
         tokens[row, P - len(prompt):] = torch.tensor(prompt, device=device)
         doc_ids[row, P - len(prompt):] = 0
-    cache = KVCache(model.args, B, P + max_new_tokens, device=device, dtype=model.tok_embeddings.weight.dtype)
+    cache = KVCache(model.args, B, P + max_new_tokens, device=device)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
@@ -448,14 +450,19 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
 # Checkpoints: ours, Meta's and Hugging Face's
 
 
-def save_checkpoint(path, model, **extra):
-    """A plain dict (Meta-named state dict, args as a dict, plus `extra`, e.g. step), written to a
-    temp file and renamed so a crash never leaves a half-written checkpoint."""
+def atomic_save(obj, path):
+    """torch.save to a temp file, then rename: a crash mid-write never leaves a half-written file
+    where a good checkpoint was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "args": asdict(model.args), **extra}, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(path, model, **extra):
+    """A plain dict: the Meta-named state dict, args as a dict, plus `extra` (e.g. step)."""
+    atomic_save({"model": model.state_dict(), "args": asdict(model.args), **extra}, path)
 
 
 def _check_state_dict(model, state_dict, origin):

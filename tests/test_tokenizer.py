@@ -274,7 +274,7 @@ def test_user_data_txt_folder_and_jsonl(tokmod, tmp_path):
 @pytest.mark.parametrize("setup, error, message", [
     (lambda p: p / "missing", FileNotFoundError, "no such file"),
     (lambda p: (p / "e.txt").write_text("  \n") and p, ValueError, "no text"),
-    (lambda p: (p / "x.csv").write_text("a,b") and p, ValueError, "no .txt"),
+    (lambda p: (p / "x.csv").write_text("a,b") and p, ValueError, "no .txt, .md, .jsonl, .parquet files"),
     (lambda p: (p / "l.txt").write_bytes("caf\xe9".encode("latin-1")) and p / "l.txt", ValueError, "l.txt is not UTF-8"),
     (lambda p: (p / "r.jsonl").write_text('{"text": "ok"}\n{"body": "no"}\n') and p / "r.jsonl", ValueError, r"r.jsonl:2: .*\"text\""),
 ])
