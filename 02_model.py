@@ -182,6 +182,7 @@ def attention_mask(q_doc, k_doc, q_pos, k_pos):
     return (same_doc & causal)[:, None]  # (B, 1, Tq, Tk): one mask for all heads
 
 
+@torch.compiler.disable  # built outside the model's compiled graph, as torchtitan does
 def flex_document_mask(doc_ids):
     """A flex_attention BlockMask for causal attention within documents. It skips the blocks that
     are fully masked, so unlike a dense boolean mask it keeps a fused kernel: the GPU path for long
@@ -192,7 +193,8 @@ def flex_document_mask(doc_ids):
         return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (kv_idx <= q_idx)
 
     B, T = doc_ids.shape
-    return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device)
+    cuda = doc_ids.device.type == "cuda"  # compiled, building the mask takes milliseconds instead of seconds
+    return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device, _compile=cuda)
 
 
 @functools.cache

@@ -397,6 +397,22 @@ def all_reduce_mean(values, world):
     return t.tolist()
 
 
+def pick_attention(device, cfg, log):
+    """flex attention keeps the document mask on a fused kernel, but only on CUDA (on CPU it has no
+    backward). If it fails here (an old GPU, no Triton), fall back to SDPA with a dense mask."""
+    if device.type != "cuda" or not cfg.doc_mask:
+        return "sdpa"
+    try:
+        probe = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=256,
+                                      attn_impl="flex")).to(device)
+        tokens = torch.randint(0, 64, (1, 256), device=device)
+        probe(tokens, doc_ids=(torch.arange(256, device=device) // 100)[None]).sum().backward()
+        return "flex"
+    except Exception as e:  # noqa: BLE001 (any failure means: use the path that always works)
+        log(f"note: flex attention unavailable here ({type(e).__name__}: {e}); using SDPA with a dense document mask")
+        return "sdpa"
+
+
 def pick_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -519,7 +535,7 @@ def run(args, device, rank, world, log):
     torch.manual_seed(cfg.seed)
     shape = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
     model_args = mdl.preset(cfg.model, vocab_size=tokenizer.n_words, max_seq_len=cfg.seq_len,
-                            attn_impl="flex" if device.type == "cuda" and cfg.doc_mask else "sdpa", **shape)
+                            attn_impl=pick_attention(device, cfg, log), **shape)
     model = Transformer(model_args)  # every rank builds the same weights from the seed, then shards them
     n_params = sum(p.numel() for p in model.parameters())
     if world > 1:
@@ -609,8 +625,10 @@ def run(args, device, rank, world, log):
         model.eval()
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         prompt = tokenizer.encode("\n", bos=True)
-        ids = mdl.generate(model, [prompt], max_new_tokens=min(64, cfg.seq_len - len(prompt)), temperature=0.8,
-                           top_p=0.95, stop_tokens=tokenizer.stop_tokens, generator=generator)[0]
+        # Generation changes shapes at every token: run it eagerly rather than recompile each time.
+        with torch.compiler.set_stance("force_eager"):
+            ids = mdl.generate(model, [prompt], max_new_tokens=min(64, cfg.seq_len - len(prompt)), temperature=0.8,
+                               top_p=0.95, stop_tokens=tokenizer.stop_tokens, generator=generator)[0]
         model.train()
         return tokenizer.decode(ids)
 

@@ -207,6 +207,17 @@ def test_two_process_fsdp_matches_one_process(setup, tmp_path):
     assert len(losses(tmp_path / "fsdp")) == 10
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager(setup, tmp_path):
+    """torch.compile (45-80 s cold on CPU): the same losses as eager to float tolerance, and the
+    checkpoint keeps plain parameter names."""
+    pre.main(tiny_argv(setup, tmp_path / "eager", "--steps", "3"))
+    pre.main(tiny_argv(setup, tmp_path / "compiled", "--steps", "3", "--compile"))
+    assert np.allclose(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), atol=1e-4)
+    state = torch.load(tmp_path / "compiled" / "model.pt", weights_only=True)["model"]
+    assert not any(k.startswith("_orig_mod") for k in state)
+
+
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(setup, tmp_path):
     out = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, str(ROOT / "03_pretrain.py"), *tiny_argv(setup, out, "--steps", "100000",
