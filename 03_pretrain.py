@@ -29,15 +29,19 @@ import importlib
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import sys
 import time
 import urllib.request
+from collections import Counter, defaultdict
+from itertools import chain
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
+import regex
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -89,6 +93,395 @@ TRAIN_PRESETS = {
                        warmup=100, dtype="bfloat16", compile=True, eval_every=250, eval_rows=64, sample_every=500,
                        ckpt_every=500),
 }
+
+
+# -----------------------------------------------------------------------------
+# Synthetic math: a source of its own (Llama 3 §3.1.2 upsamples math and reasoning)
+
+_NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Femi", "Grace", "Hiro", "Ines", "Jonah", "Kira", "Liam"]
+_ITEMS = ["apples", "marbles", "stickers", "books", "coins", "shells", "pencils", "cards"]
+
+
+def math_problem(rng):
+    """One grade-school problem with a worked answer that ends "The answer is N." (GSM8K-like)."""
+    name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
+    kind = rng.randrange(6)
+    if kind == 0:
+        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", a + b
+    if kind == 1:
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        return f"What is {a} times {b}?", f"{a} x {b} = {a * b}.", a * b
+    if kind == 2:
+        a, b, c = rng.randint(5, 60), rng.randint(5, 60), rng.randint(1, 5)
+        c = min(c, a + b)
+        return (f"{name} has {a} {items}. {name} gets {b} more and gives {c} away. How many {items} are left?",
+                f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}.", a + b - c)
+    if kind == 3:
+        n, p = rng.randint(2, 12), rng.randint(2, 15)
+        paid = n * p + rng.randint(1, 20)
+        return (f"A pen costs ${p}. {name} buys {n} pens and pays with ${paid}. How much change does {name} get?",
+                f"{n} x {p} = {n * p}. {paid} - {n * p} = {paid - n * p}.", paid - n * p)
+    if kind == 4:
+        per_day, days = rng.randint(5, 40), rng.randint(2, 9)
+        total = per_day * days + rng.randint(0, 200)
+        return (f"A book has {total} pages. {name} reads {per_day} pages a day for {days} days. "
+                f"How many pages are left?",
+                f"{per_day} x {days} = {per_day * days}. {total} - {per_day * days} = {total - per_day * days}.",
+                total - per_day * days)
+    groups, size = rng.randint(2, 12), rng.randint(2, 12)
+    return (f"{groups * size} {items} are shared equally among {groups} friends. How many does each friend get?",
+            f"{groups * size} / {groups} = {size}.", size)
+
+
+def math_problems(n, seed):
+    """`n` problems as (question, worked answer, number); the same seed always gives the same ones."""
+    rng = random.Random(seed)
+    return [math_problem(rng) for _ in range(n)]
+
+
+def format_problem(question, working, answer):
+    return f"Question: {question}\nAnswer: {working} The answer is {answer}.\n"
+
+
+def math_documents(n_problems, seed=0, per_document=25):
+    """Synthetic math as documents of `per_document` problems, source "synthetic_math"."""
+    problems = [format_problem(*p) for p in math_problems(n_problems, seed)]
+    return [tok.Document("synthetic_math", f"synthetic_math/{seed}/{i}", "\n".join(problems[i:i + per_document]))
+            for i in range(0, len(problems), per_document)]
+
+
+# -----------------------------------------------------------------------------
+# Curation (Llama 3 §3.1.1): heuristics, line and document de-duplication, safety, quality
+
+# The paper's mix (§3.1.2) is over categories: ~50% general knowledge, 25% math and reasoning,
+# 17% code, 8% multilingual. Each source belongs to one.
+PAPER_MIX = {"general": 0.50, "math": 0.25, "code": 0.17, "multilingual": 0.08}
+SOURCE_CATEGORY = {"shakespeare": "general", "bible": "general", "python_docs": "general", "tinystories": "general",
+                   "fineweb-edu": "general", "python_code": "code", "synthetic_math": "math"}
+
+
+def category_of(source):
+    """A source's mix category: known sources by name, others by a hint in the name, else general."""
+    if source in SOURCE_CATEGORY:
+        return SOURCE_CATEGORY[source]
+    return next((c for c in ("code", "math", "multilingual") if c in source.lower()), "general")
+
+
+def heuristic_reject(doc):
+    """The reason to drop a document, or None. Thresholds in the spirit of Gopher/RefinedWeb web
+    heuristics (the paper names the kinds, not the numbers): too short, mostly digits or symbols
+    (tables, dumps), or much of it repeating its own lines (spam, generated lists)."""
+    words = doc.text.split()
+    if len(words) < 20:
+        return "short"
+    chars = [c for c in doc.text if not c.isspace()]
+    digits = sum(c.isdigit() for c in chars) / len(chars)
+    symbols = sum(not c.isalnum() for c in chars) / len(chars)
+    if digits > 0.25:
+        return "digits"
+    if symbols > (0.45 if category_of(doc.source) == "code" else 0.3):
+        return "symbols"
+    long_lines = [line.strip() for line in doc.text.splitlines() if len(line.strip()) >= 20]
+    if long_lines and 1 - len(set(long_lines)) / len(long_lines) > 0.3:
+        return "repeated lines"
+    return None
+
+
+def dedup_lines(docs, max_repeats=6, min_chars=30):
+    """§3.1.1 line-level de-duplication: a line (of at least `min_chars`, stripped) seen more than
+    `max_repeats` times in the corpus is boilerplate; remove every copy. (Meta: more than 6 times per
+    bucket of 30M documents.) Code is left alone: dropping lines from a program breaks it."""
+    counts = Counter(line.strip() for d in docs if category_of(d.source) != "code"
+                     for line in d.text.splitlines() if len(line.strip()) >= min_chars)
+    frequent = {line for line, n in counts.items() if n > max_repeats}
+    out, removed = [], 0
+    for d in docs:
+        if category_of(d.source) == "code" or not frequent:
+            out.append(d)
+            continue
+        lines = d.text.splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() not in frequent]
+        removed += len(lines) - len(kept)
+        out.append(replace(d, text="".join(kept)))
+    return out, removed
+
+
+def minhash_signatures(token_lists, n_perm=64, shingle=5, seed=0):
+    """MinHash of each document's set of token 5-grams: for each of n_perm random hash functions,
+    the smallest hash over the document's shingles. Two documents agree in a signature slot with
+    probability equal to their Jaccard similarity. All arithmetic is vectorised in numpy (uint64,
+    wrapping), one document at a time. -> (n_docs, n_perm) uint64."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 2**63, size=n_perm, dtype=np.uint64) | np.uint64(1)  # odd: a bijection mod 2^64
+    b = rng.integers(0, 2**63, size=n_perm, dtype=np.uint64)
+    powers = np.uint64(0x9E3779B97F4A7C15) ** np.arange(shingle, dtype=np.uint64)
+    signatures = np.full((len(token_lists), n_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i, ids in enumerate(token_lists):
+            ids = np.asarray(ids, dtype=np.uint64)
+            if len(ids) < shingle:
+                continue
+            windows = np.lib.stride_tricks.sliding_window_view(ids, shingle)  # (n_shingles, 5)
+            shingles = np.unique(windows @ powers)  # one hash per 5-gram, duplicates removed
+            for start in range(0, len(shingles), 1 << 16):  # bound memory on very long documents
+                chunk = shingles[start:start + (1 << 16)]
+                hashed = (chunk[:, None] * a[None, :] + b[None, :]) >> np.uint64(16)  # (n, n_perm)
+                signatures[i] = np.minimum(signatures[i], hashed.min(axis=0))
+    return signatures
+
+
+def near_duplicates(signatures, threshold=0.8, bands=16):
+    """Indices of documents to drop as near-duplicates of an earlier one. Locality-sensitive hashing:
+    split each signature into `bands`; documents sharing any whole band are candidates; a candidate
+    pair is a duplicate when the fraction of equal slots (estimated Jaccard) reaches `threshold`."""
+    n, n_perm = signatures.shape
+    rows = n_perm // bands
+    drop = set()
+    for band in range(bands):
+        buckets = defaultdict(list)
+        for i in range(n):
+            if signatures[i, 0] != np.iinfo(np.uint64).max:  # documents too short to shingle never match
+                buckets[signatures[i, band * rows:(band + 1) * rows].tobytes()].append(i)
+        for members in buckets.values():
+            for j in members[1:]:
+                if j not in drop and any(k not in drop and np.mean(signatures[j] == signatures[k]) >= threshold
+                                         for k in members[:members.index(j)]):
+                    drop.add(j)
+    return drop
+
+
+def semantic_duplicates(token_lists, vocab_size, threshold=0.95, dim=256, seed=0):
+    """Indices of documents to drop because their meaning vector is too close to a kept document's
+    (SemDeDup-style, which Llama 3 §4.2.3 uses for fine-tuning data). Vectors: TF-IDF over token ids,
+    randomly projected to `dim` dimensions (Johnson-Lindenstrauss keeps cosines), L2-normalised;
+    clustered with k-means so only documents in the same cluster are compared."""
+    n = len(token_lists)
+    if n < 2:
+        return set()
+    rng = np.random.default_rng(seed)
+    counts = [np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab_size) for ids in token_lists]
+    df = sum((c > 0).astype(np.float64) for c in counts)
+    idf = np.log((1 + n) / (1 + df)) + 1
+    projection = rng.standard_normal((vocab_size, dim)) / math.sqrt(dim)
+    vectors = np.stack([(np.log1p(c) * idf) @ projection for c in counts])  # (n, dim)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12
+    k = max(1, int(math.sqrt(n)))
+    centroids = vectors[rng.choice(n, size=k, replace=False)]
+    for _ in range(10):  # a few rounds of k-means on the unit sphere
+        assign = (vectors @ centroids.T).argmax(axis=1)
+        for c in range(k):
+            if (assign == c).any():
+                centroids[c] = vectors[assign == c].mean(axis=0)
+                centroids[c] /= np.linalg.norm(centroids[c]) + 1e-12
+    drop = set()
+    for c in range(k):
+        members = np.flatnonzero(assign == c)
+        sims = vectors[members] @ vectors[members].T  # (m, m) cosines inside the cluster
+        for a_pos, i in enumerate(members):
+            if i in drop:
+                continue
+            for b_pos in range(a_pos + 1, len(members)):
+                if sims[a_pos, b_pos] >= threshold:
+                    drop.add(members[b_pos])
+    return {int(i) for i in drop}
+
+
+# Real pipelines use URL/domain blocklists and trained classifiers for adult content and PII
+# (Llama 3 §3.1.1: domains "ranked as harmful by Meta safety standards", adult content, PII). With no
+# web data and no such models here, this stand-in drops documents dense in adult-content terms or in
+# personal data (e-mail addresses, phone numbers).
+UNSAFE_TERMS = {"porn", "porno", "pornography", "nsfw", "camgirl", "camgirls", "hentai", "onlyfans", "escorts"}
+_PII = regex.compile(r"[\w.+-]+@[\w-]+\.[a-z]{2,}"  # e-mail addresses
+                     r"|(?<!\w)(?:\+\d{1,3}[ .-])?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\w)")  # phone numbers
+
+
+def unsafe_reason(doc, max_per_1000_words=2.0):
+    words = regex.findall(r"\p{L}+", doc.text.lower())
+    per_1000 = lambda n: 1000 * n / max(len(words), 1)  # noqa: E731
+    if per_1000(sum(w in UNSAFE_TERMS for w in words)) > max_per_1000_words:
+        return "adult content"
+    if category_of(doc.source) != "code" and per_1000(len(_PII.findall(doc.text))) > 5 * max_per_1000_words:
+        return "personal data"
+    return None
+
+
+def distinct_bigram_ratio(ids):
+    """Distinct bigrams / bigrams: ~0.9 for ordinary text, near 0 for text that repeats itself."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return len(np.unique(ids[:-1] * 1_000_003 + ids[1:])) / (len(ids) - 1) if len(ids) > 1 else 0.0
+
+
+class QualityClassifier:
+    """A fastText-style student: logistic regression over hashed token unigrams and bigrams, plus
+    two dense features (distinct unigram and bigram ratios) that let a linear model see repetition.
+
+    Llama 3 §3.1.1 labels web documents with Llama 2 (expensive, accurate) and trains small, fast
+    classifiers (fastText, DistilRoBERTa) on those labels to score the whole corpus. We keep that
+    teacher -> student shape at laptop size: the teacher (see `teacher_labels`) is a token-bigram
+    language model plus a repetition check, and the student learns the teacher's verdicts from
+    features cheap enough for billions of documents."""
+
+    def __init__(self, n_features=2**18, seed=0):
+        self.n_features = n_features
+        self.weights = np.zeros(n_features)
+        self.dense_weights = np.zeros(2)
+        self.bias = 0.0
+        self.seed = seed
+
+    def features(self, ids):
+        """Hashed feature indices (unigrams and bigrams, each once) and the two dense features."""
+        ids = np.asarray(ids, dtype=np.int64)
+        bigrams = ids[:-1] * 1_000_003 + ids[1:] if len(ids) > 1 else np.zeros(0, dtype=np.int64)
+        sparse = np.unique(np.concatenate([ids, bigrams * 31 + 7]) % self.n_features)
+        dense = np.array([len(np.unique(ids)) / max(len(ids), 1), distinct_bigram_ratio(ids)])
+        return sparse, dense
+
+    def _logit(self, sparse, dense):
+        return self.weights[sparse].sum() / math.sqrt(max(len(sparse), 1)) + self.dense_weights @ dense + self.bias
+
+    def fit(self, token_lists, labels, epochs=8, lr=0.5, l2=1e-4):
+        rng = np.random.default_rng(self.seed)
+        feats = [self.features(ids) for ids in token_lists]
+        for _ in range(epochs):  # plain SGD on the log loss
+            for i in rng.permutation(len(feats)):
+                sparse, dense = feats[i]
+                grad = 1 / (1 + math.exp(-self._logit(sparse, dense))) - labels[i]
+                self.weights[sparse] -= lr * (grad / math.sqrt(max(len(sparse), 1)) + l2 * self.weights[sparse])
+                self.dense_weights -= lr * grad * dense
+                self.bias -= lr * grad
+        return self
+
+    def predict_proba(self, token_lists):
+        """P(good) for each token list."""
+        return np.asarray([1 / (1 + math.exp(-self._logit(*self.features(ids)))) for ids in token_lists])
+
+
+def bigram_perplexity(reference, token_lists, vocab_size):
+    """Per-token perplexity under a token-bigram model fitted on `reference` (add-0.1 smoothing,
+    hashed into 2^20 bigram buckets)."""
+    n_buckets = 2**20
+    bigram_counts = np.zeros(n_buckets)
+    unigram_counts = np.zeros(vocab_size)
+    for ids in reference:
+        ids = np.asarray(ids, dtype=np.int64)
+        np.add.at(unigram_counts, ids[:-1], 1)
+        np.add.at(bigram_counts, (ids[:-1] * vocab_size + ids[1:]) % n_buckets, 1)
+    out = []
+    for ids in token_lists:
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) < 2:
+            out.append(float("inf"))
+            continue
+        p = (bigram_counts[(ids[:-1] * vocab_size + ids[1:]) % n_buckets] + 0.1) / (unigram_counts[ids[:-1]] + 0.1 * vocab_size)
+        out.append(float(np.exp(-np.log(p).mean())))
+    return np.asarray(out)
+
+
+def degrade(ids, rng):
+    """Synthetic low-quality text made from good text, the kinds web filters meet: word salad
+    (shuffled tokens), keyword spam (a short span repeated), noise (random tokens), and character
+    soup (random single-byte tokens)."""
+    ids = list(ids)
+    kind = rng.integers(4)
+    if kind == 0:
+        return [int(i) for i in rng.permutation(ids)]
+    if kind == 1:
+        span = ids[:max(2, len(ids) // 20)]
+        return (span * (len(ids) // len(span) + 1))[:len(ids)]
+    if kind == 2:
+        return [int(i) for i in rng.integers(0, max(ids) + 1, size=len(ids))]
+    return [int(i) for i in rng.choice(list(range(97, 123)) + [32] * 5, size=len(ids))]  # "qzv kf ..."
+
+
+def teacher_labels(reference, token_lists, vocab_size, cut):
+    """The teacher's verdict: good when fluent (bigram perplexity below `cut`, CCNet's criterion for
+    web text) and not repeating itself (distinct bigram ratio >= 0.5). Llama 3 asked Llama 2."""
+    fluent = np.log(bigram_perplexity(reference, token_lists, vocab_size)) < cut
+    varied = np.array([distinct_bigram_ratio(ids) >= 0.5 for ids in token_lists])
+    return (fluent & varied).astype(int)
+
+
+def train_quality_classifier(token_lists, vocab_size, seed=0, chunk=128, max_chunks=4000):
+    """Teacher labels -> student. Chunks of real documents, plus as many degraded chunks, are labelled
+    by the teacher; its perplexity cut sits midway (in log space) between the typical real chunk and
+    the typical degraded one. The student learns those labels."""
+    rng = np.random.default_rng(seed)
+    chunks = [ids[i:i + chunk] for ids in token_lists for i in range(0, len(ids) - chunk + 1, chunk)]
+    chunks = [chunks[i] for i in rng.permutation(len(chunks))[:max_chunks]]
+    reference, pool = chunks[::2], chunks[1::2]  # the teacher never scores what it was fitted on
+    pool = pool + [degrade(c, rng) for c in pool]
+    log_ppl = np.log(bigram_perplexity(reference, pool, vocab_size))
+    cut = (np.median(log_ppl[:len(pool) // 2]) + np.median(log_ppl[len(pool) // 2:])) / 2
+    return QualityClassifier(seed=seed).fit(pool, teacher_labels(reference, pool, vocab_size, cut))
+
+
+def quality_scores(classifier, token_lists, chunk=128):
+    """A document's quality: the mean P(good) of its chunks."""
+    return np.asarray([classifier.predict_proba([ids[i:i + chunk] for i in range(0, max(len(ids) - chunk + 1, 1), chunk)]
+                                                 or [ids]).mean() for ids in token_lists])
+
+
+def curate(docs, tokenizer, log=print, quality_threshold=0.5):
+    """Run every step over the training documents; return what survives and a report of what each
+    step removed (documents, lines, tokens), per source."""
+    ids = {d.name: tokenizer.encode(d.text) for d in docs}
+    sources = sorted({d.source for d in docs})
+    report = []
+
+    def tokens_per_source(ds):
+        out = dict.fromkeys(sources, 0)
+        for d in ds:
+            out[d.source] += len(ids[d.name])
+        return out
+
+    def record(step, before, after, lines=0, tb=None):
+        tb, ta = tb or tokens_per_source(before), tokens_per_source(after)
+        report.append({"step": step, "docs_in": len(before), "docs_out": len(after), "lines_removed": lines,
+                       "tokens_in": sum(tb.values()), "tokens_out": sum(ta.values()),
+                       "per_source": {s: {"docs_in": sum(d.source == s for d in before),
+                                          "docs_out": sum(d.source == s for d in after),
+                                          "tokens_in": tb[s], "tokens_out": ta[s]} for s in sources}})
+
+    t0 = time.time()
+    kept = [d for d in docs if heuristic_reject(d) is None]
+    record("heuristic filters", docs, kept)
+    before, tokens_before, (kept, lines) = kept, tokens_per_source(kept), dedup_lines(kept)
+    for d, b in zip(kept, before):  # re-tokenize only the documents that lost lines
+        if d.text != b.text:
+            ids[d.name] = tokenizer.encode(d.text)
+    kept = [d for d in kept if d.text.strip()]
+    record("line de-duplication", before, kept, lines=lines, tb=tokens_before)
+    before = kept
+    drop = near_duplicates(minhash_signatures([ids[d.name] for d in kept]))
+    kept = [d for i, d in enumerate(kept) if i not in drop]
+    record("MinHash near-duplicates", before, kept)
+    before = kept
+    drop = semantic_duplicates([ids[d.name] for d in kept], tokenizer.n_words)
+    kept = [d for i, d in enumerate(kept) if i not in drop]
+    record("semantic de-duplication", before, kept)
+    before = kept
+    kept = [d for d in kept if unsafe_reason(d) is None]
+    record("unsafe content", before, kept)
+    before = kept
+    if sum(len(ids[d.name]) // 128 for d in kept) >= 20:  # enough text to train the classifier on
+        classifier = train_quality_classifier([ids[d.name] for d in kept], tokenizer.n_words)
+        scores = quality_scores(classifier, [ids[d.name] for d in kept])
+        kept = [d for d, s in zip(kept, scores) if s >= quality_threshold]
+    else:
+        log("quality classifier skipped: too little text to train it")
+    record("quality classifier", before, kept)
+    if not kept:
+        raise ValueError("curation removed every document: check the data, or pass --no-curation")
+    log(f"curation: {len(docs):,} -> {len(kept):,} documents in {time.time() - t0:.1f} s")
+    return kept, report
+
+
+def curation_table(report):
+    rows = [f"  {'step':<26} {'docs in':>8} {'docs out':>8} {'lines cut':>9} {'tokens in':>11} {'tokens out':>11}"]
+    rows += [f"  {r['step']:<26} {r['docs_in']:>8,} {r['docs_out']:>8,} {r['lines_removed']:>9,} "
+             f"{r['tokens_in']:>11,} {r['tokens_out']:>11,}" for r in report]
+    return "\n".join(rows)
 
 
 # -----------------------------------------------------------------------------
@@ -189,13 +582,19 @@ class TokenShards:
         return torch.from_numpy(tokens), torch.from_numpy(doc_ids)
 
 
-def mix_weights(shards, mix=None):
-    """Sampling weight per source: by default each source's share of the training tokens (the corpus
-    as it is); `mix` = {source: weight} sets them (Llama 3 §3.1.2: ~50% general, 25% math and
-    reasoning, 17% code, 8% multilingual). Issue #5 adds curation and a paper-like default here."""
+def mix_weights(shards, mix="paper"):
+    """Sampling weight per source. "paper" (the default): Llama 3 §3.1.2's category shares (~50%
+    general knowledge, 25% math and reasoning, 17% code, 8% multilingual), renormalised over the
+    categories the data has, each category's share split among its sources by size. "natural": each
+    source's share of the training tokens. Or a dict {source: weight}."""
     sizes = shards.sizes()
-    if mix is None:
+    if mix == "natural":
         weights = {s: float(n) for s, n in sizes.items()}
+    elif mix == "paper":
+        present = {category_of(s) for s in sizes}
+        category_total = {c: sum(n for s, n in sizes.items() if category_of(s) == c) for c in present}
+        norm = sum(PAPER_MIX[c] for c in present)
+        weights = {s: PAPER_MIX[category_of(s)] / norm * n / category_total[category_of(s)] for s, n in sizes.items()}
     else:
         unknown = set(mix) - set(sizes)
         if unknown:
@@ -205,6 +604,16 @@ def mix_weights(shards, mix=None):
             raise ValueError(f"--mix weights must be >= 0 and sum to something positive, got {mix}")
     total = sum(weights.values())
     return {s: w / total for s, w in weights.items()}
+
+
+def parse_mix(text):
+    """--mix: "paper", "natural", or "source=weight,source=weight"."""
+    if text in ("paper", "natural"):
+        return text
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise ValueError(f"--mix {text!r}: expected paper, natural, or source=weight,... (e.g. bible=1,python_code=2)") from None
 
 
 def sample_batch(shards, weights, n_rows, length, rng):
@@ -432,6 +841,49 @@ def pick_device(name):
 MODEL_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of")
 
 
+def prepare_data(args, tokenizer, tokenizer_path, out, rank, world, log):
+    """Documents -> (synthetic math) -> curation -> token shards (rank 0, cached) -> the mix."""
+    if args.dataset:
+        documents = dataset_documents(args.dataset, Path(args.out).parent / "datasets", args.mirror, log)
+        data_key = f"dataset:{args.dataset}"
+    else:
+        if args.data is not None and not Path(args.data).exists():
+            raise FileNotFoundError(f"--data {args.data}: no such file or folder")
+        documents = lambda: tok.iter_documents(args.data)  # noqa: E731
+        data_key = f"data:{Path(args.data).resolve()}" if args.data else f"default corpus (Python {sys.version_info[0]}.{sys.version_info[1]})"
+    math_problems = args.math_problems if args.math_problems is not None else (
+        0 if args.data or args.dataset else 4000)
+    mix = parse_mix(args.mix)
+
+    def corpus():
+        docs = chain(documents(), math_documents(math_problems))
+        if not args.curation:
+            return docs
+        # Only the training documents are curated: validation stays raw, so curated and uncurated
+        # runs are measured on the very same held-out text.
+        docs = list(docs)
+        train_docs = [d for d in docs if not tok.is_held_out(d.name)]
+        kept, report = curate(train_docs, tokenizer, log)
+        log(curation_table(report))
+        (out / "curation.json").write_text(json.dumps({"steps": report}, indent=2))
+        return iter(kept + [d for d in docs if tok.is_held_out(d.name)])
+
+    shard_dir = out / "data"
+    key = f"{data_key}; math {math_problems}; curation {'v1' if args.curation else 'off'}"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        prepare_shards(corpus, tokenizer, tokenizer_path, shard_dir, key, log)
+    if world > 1:
+        dist.barrier()
+    train, val = TokenShards(shard_dir, "train"), TokenShards(shard_dir, "val")
+    weights = mix_weights(train, mix)
+    log("data mix: " + ", ".join(f"{s} {w:.1%}" for s, w in weights.items()))
+    if rank == 0 and (out / "curation.json").is_file():
+        report = json.loads((out / "curation.json").read_text())
+        (out / "curation.json").write_text(json.dumps({**report, "mix": weights}, indent=2))
+    return train, val, weights
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(TRAIN_PRESETS), default=None,
@@ -447,7 +899,12 @@ def parse_args(argv):
     parser.add_argument("--data", default=None, help="your text: .txt/.md/.jsonl/.parquet file or folder")
     parser.add_argument("--dataset", default=None, choices=list(DATASETS), help="download a public corpus")
     parser.add_argument("--mirror", default=None, help="base URL to download --dataset files from instead")
-    parser.add_argument("--mix", default=None, help="source weights, e.g. shakespeare=2,python_code=1")
+    parser.add_argument("--mix", default="paper",
+                        help="paper (Llama 3's category shares, default), natural (by size), or e.g. bible=2,python_code=1")
+    parser.add_argument("--curation", action=argparse.BooleanOptionalAction, default=True,
+                        help="curate the training documents first (--no-curation: use them as they are)")
+    parser.add_argument("--math-problems", type=int, default=None,
+                        help="synthetic math problems to add as a source (default 4000 with the default corpus, else 0)")
     parser.add_argument("--tokenizer", default="runs/01_tokenizer/tokenizer.model",
                         help="tokenizer.model; trained with 01_tokenizer.py's defaults if missing")
     parser.add_argument("--out", default="runs/03_pretrain", help="output folder")
@@ -513,23 +970,7 @@ def run(args, device, rank, world, log):
         if world > 1:
             dist.barrier()
     tokenizer = Tokenizer.load(tokenizer_path)
-    if args.dataset:
-        documents = dataset_documents(args.dataset, Path(args.out).parent / "datasets", args.mirror, log)
-        data_key = f"dataset:{args.dataset}"
-    else:
-        if args.data is not None and not Path(args.data).exists():
-            raise FileNotFoundError(f"--data {args.data}: no such file or folder")
-        documents = lambda: tok.iter_documents(args.data)  # noqa: E731
-        data_key = f"data:{Path(args.data).resolve()}" if args.data else f"default corpus (Python {sys.version_info[0]}.{sys.version_info[1]})"
-    shard_dir = out / "data"
-    if rank == 0:
-        prepare_shards(documents, tokenizer, tokenizer_path, shard_dir, data_key, log)
-    if world > 1:
-        dist.barrier()
-    train, val = TokenShards(shard_dir, "train"), TokenShards(shard_dir, "val")
-    mix = None if args.mix is None else {k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))}
-    weights = mix_weights(train, mix)
-    log("data mix: " + ", ".join(f"{s} {w:.1%}" for s, w in weights.items()))
+    train, val, weights = prepare_data(args, tokenizer, tokenizer_path, out, rank, world, log)
 
     # --- model and optimizer ---
     torch.manual_seed(cfg.seed)

@@ -50,7 +50,7 @@ def tiny_argv(setup, out, *extra):
             "--dim", "64", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2", "--multiple-of", "32",
             "--seq-len", "32", "--batch-tokens", "256", "--micro-batch", "4", "--steps", "8", "--warmup", "2",
             "--lr", "3e-3", "--eval-every", "4", "--eval-rows", "4", "--sample-every", "4", "--ckpt-every", "4",
-            "--device", "cpu", *extra]
+            "--device", "cpu", "--no-curation", *extra]
 
 
 def losses(out):
@@ -123,7 +123,9 @@ def hand_made_shards(folder, sizes):
 
 def test_mix_weights_give_the_requested_proportions(tmp_path):
     shards = hand_made_shards(tmp_path, {"code": 1000, "prose": 3000})
-    assert pre.mix_weights(shards) == {"code": 0.25, "prose": 0.75}  # natural: by size
+    assert pre.mix_weights(shards, "natural") == {"code": 0.25, "prose": 0.75}  # by size
+    # the paper's shares (general 50, math 25, code 17, multilingual 8) over the categories present
+    assert pre.mix_weights(shards, "paper") == pytest.approx({"code": 17 / 67, "prose": 50 / 67})
     weights = pre.mix_weights(shards, {"code": 2, "prose": 1})
     assert weights == pytest.approx({"code": 2 / 3, "prose": 1 / 3})
     tokens, _ = pre.sample_batch(shards, weights, 4000, 8, np.random.default_rng(0))
