@@ -746,6 +746,52 @@ def make_optimizer(model, cfg, fused):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
+def train_step(model, optimizer, tokens, doc_ids, cfg, n_micro, device, autocast, world=1):
+    """One optimizer step over `tokens` (rows, T+1) in `n_micro` micro-batches of cfg.micro_batch
+    rows: forward, loss / n_micro, backward (gradients add up), clip, AdamW step. The caller sets the
+    learning rate. Returns the mean loss (over ranks too) and the gradient norm before clipping."""
+    loss_sum = 0.0
+    for micro in range(n_micro):
+        x = tokens[micro * cfg.micro_batch:(micro + 1) * cfg.micro_batch].to(device, non_blocking=True)
+        d = doc_ids[micro * cfg.micro_batch:(micro + 1) * cfg.micro_batch].to(device, non_blocking=True)
+        if world > 1:  # reduce-scatter gradients only after the last micro-batch
+            model.set_requires_gradient_sync(micro == n_micro - 1)
+        with autocast:
+            logits = model(x[:, :-1], doc_ids=d[:, :-1] if cfg.doc_mask else None)  # (b, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) / n_micro
+        loss.backward()
+        loss_sum += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    loss_value, = all_reduce_mean([loss_sum], world)
+    if math.isfinite(loss_value) and math.isfinite(grad_norm):  # never step on a NaN
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return loss_value, grad_norm
+
+
+@torch.no_grad()
+def eval_losses(model, shards, cfg, device, autocast, rank=0, world=1, seq_len=None):
+    """Mean next-token loss per source on cfg.eval_rows fixed rows (the same rows at every call),
+    split across ranks."""
+    seq_len = seq_len or cfg.seq_len
+    was_training = model.training
+    model.eval()
+    losses = {}
+    for source in shards.sources:
+        rng = np.random.default_rng([cfg.seed, 10**9])
+        tokens, doc_ids = sample_batch(shards, {source: 1.0}, cfg.eval_rows, seq_len + 1, rng)
+        mine = slice(rank * cfg.eval_rows // world, (rank + 1) * cfg.eval_rows // world)
+        tokens, doc_ids = tokens[mine].to(device), doc_ids[mine].to(device)
+        with autocast:
+            logits = model(tokens[:, :-1], doc_ids=doc_ids[:, :-1] if cfg.doc_mask else None)
+        losses[source] = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
+    model.train(was_training)
+    return dict(zip(losses, all_reduce_mean(list(losses.values()), world)))
+
+
 # Dense bf16 peak of the cards MFU is usually quoted for (NVIDIA datasheets, SXM parts).
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
@@ -1047,20 +1093,7 @@ def run(args, device, rank, world, log):
             log(f"saved {path}")
 
     def evaluate():
-        """Mean loss per validation source on fixed rows (the same rows at every evaluation)."""
-        model.eval()
-        losses = {}
-        with torch.no_grad():
-            for source in val.sources:
-                rng = np.random.default_rng([cfg.seed, 10**9])  # the same rows every time
-                tokens, doc_ids = sample_batch(val, {source: 1.0}, cfg.eval_rows, cfg.seq_len + 1, rng)
-                mine = slice(rank * cfg.eval_rows // world, (rank + 1) * cfg.eval_rows // world)
-                tokens, doc_ids = tokens[mine].to(device), doc_ids[mine].to(device)
-                with autocast:
-                    logits = model(tokens[:, :-1], doc_ids=doc_ids[:, :-1] if cfg.doc_mask else None)
-                losses[source] = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
-        model.train()
-        return dict(zip(losses, all_reduce_mean(list(losses.values()), world)))
+        return eval_losses(model, val, cfg, device, autocast, rank, world)
 
     def sample():
         model.eval()
@@ -1099,30 +1132,12 @@ def run(args, device, rank, world, log):
             group["lr"] = lr
         tokens, doc_ids = batch_for_step(train, weights, cfg, step, rank, world, rows)  # (rows/world, T+1)
         n_micro = max(1, round(len(tokens) // cfg.micro_batch * batch_fraction_at(step, cfg)))
-        loss_sum = 0.0
-        for micro in range(n_micro):
-            x = tokens[micro * cfg.micro_batch:(micro + 1) * cfg.micro_batch].to(device, non_blocking=True)
-            d = doc_ids[micro * cfg.micro_batch:(micro + 1) * cfg.micro_batch].to(device, non_blocking=True)
-            if world > 1:  # reduce-scatter gradients only after the last micro-batch
-                model.set_requires_gradient_sync(micro == n_micro - 1)
-            with autocast:
-                logits = model(x[:, :-1], doc_ids=d[:, :-1] if cfg.doc_mask else None)  # (b, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) / n_micro
-            loss.backward()
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        loss_value, = all_reduce_mean([loss_sum], world)
+        loss_value, grad_norm = train_step(model, optimizer, tokens, doc_ids, cfg, n_micro, device, autocast, world)
         if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
             kept = checkpoints(out)
             raise FloatingPointError(f"step {step}: loss {loss_value}, grad norm {grad_norm}: training diverged "
                                      f"(try a lower --lr). The last good checkpoint is kept: "
                                      f"{kept[-1] if kept else 'none yet'}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
         dt = time.time() - t0
         step_tokens = n_micro * cfg.micro_batch * cfg.seq_len * world
         tokens_seen += step_tokens
