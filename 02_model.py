@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 Tokenizer = importlib.import_module("01_tokenizer").Tokenizer  # file names start with a digit
@@ -288,6 +289,10 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # Trainers may set this: keep only each block's input in the forward pass and recompute the
+        # rest during backward, trading ~1/3 more compute for activation memory that no longer grows
+        # with depth (useful for long contexts).
+        self.activation_checkpointing = False
         # RoPE tables are derived, not learned: non-persistent buffers, rebuilt by init_rope()
         self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
@@ -338,7 +343,10 @@ class Transformer(nn.Module):
                 mask = attention_mask(doc_ids, doc_ids, positions, positions)
 
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, (cache, i) if cache is not None else None)
+            if self.activation_checkpointing and self.training and cache is None:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, (cache, i) if cache is not None else None)
         if cache is not None:
             cache.pos += T
         return self.output(self.norm(h)).float()  # (B, T, V)

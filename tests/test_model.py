@@ -152,6 +152,20 @@ def test_gradients_flow_through_the_masked_path():
     assert abs(loss.item() - math.log(300)) < 0.5  # a fresh model predicts roughly uniformly
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = random_model(tiny())
+    model.train()
+    tokens = torch.randint(0, 300, (2, 24))
+    doc_ids = doc_ids_for([10, 14]).expand(2, -1)
+    grads = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad()
+        model(tokens, doc_ids=doc_ids).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
 # --- KV cache and generation ----------------------------------------------------------------------
 
 def naive_greedy(model, prompt, n):
