@@ -603,14 +603,16 @@ def load_hf(folder, max_seq_len=None):
     return model_from_state_dict(args, state_dict, f"Hugging Face checkpoint {folder}")
 
 
-def load_checkpoint(path, max_seq_len=None):
+def load_checkpoint(path, max_seq_len=None, mmap=True):
     """Model and args from: one of our checkpoint files (.pt), a folder with our `model.pt`, a Meta
-    folder (params.json + consolidated.*.pth) or a Hugging Face folder (config.json + *.safetensors)."""
+    folder (params.json + consolidated.*.pth) or a Hugging Face folder (config.json + *.safetensors).
+    With `mmap` our files are memory-mapped (fast, light loading for inference); trainers pass
+    mmap=False to get ordinary tensors they will write to at every step."""
     path = Path(path)
     if path.is_dir() and (path / "model.pt").is_file():
         path = path / "model.pt"
     if path.is_file():
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
         if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
             raise ValueError(f"{path} is not a checkpoint of this project (expected a dict with 'model' and 'args')")
         known = {f.name for f in fields(ModelArgs)}

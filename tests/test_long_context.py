@@ -1,0 +1,129 @@
+"""04_long_context.py: the NIAH generator and scorer by hand, RoPE levers band by band, and a short
+extension of a tiny pretrained model."""
+import importlib
+import json
+import math
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+lc = importlib.import_module("04_long_context")
+mdl = importlib.import_module("02_model")
+pre = importlib.import_module("03_pretrain")
+tok = importlib.import_module("01_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, corpus):
+    """A tiny 03 run (seq_len 64) on a few plays and books, with its shards and tokenizer."""
+    folder = tmp_path_factory.mktemp("lc")
+    train_docs, val_docs = corpus
+    for d in [d for d in train_docs + val_docs if d.source in ("shakespeare", "bible")][:24] + \
+             [d for d in val_docs if d.source in ("shakespeare", "bible")]:
+        path = folder / "data" / d.source / (d.name.split("/")[-1] + ".txt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(d.text)
+    tokenizer = tok.Tokenizer.train([p.read_text() for p in (folder / "data").rglob("*.txt")], vocab_size=800)
+    tokenizer.save(folder / "tokenizer.model")
+    pre.main(["--data", str(folder / "data"), "--tokenizer", str(folder / "tokenizer.model"), "--out", str(folder / "03"),
+              "--dim", "64", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2", "--multiple-of", "32",
+              "--seq-len", "64", "--batch-tokens", "1024", "--micro-batch", "16", "--steps", "40", "--warmup", "4",
+              "--lr", "3e-3", "--eval-every", "40", "--eval-rows", "4", "--sample-every", "1000", "--device", "cpu",
+              "--no-curation"])
+    return folder, tokenizer
+
+
+def test_needle_example_by_hand(pretrained):
+    _, tokenizer = pretrained
+    filler = tokenizer.encode("lorem ipsum dolor sit amet " * 40)
+    needle = tokenizer.encode(lc.NEEDLE.format(number=4821))
+    question = tokenizer.encode(lc.QUESTION)
+    for depth in (0.0, 0.5, 1.0):
+        ids = lc.needle_example(tokenizer, filler, 80, depth, 4821)
+        assert len(ids) == 80 and ids[0] == tokenizer.bos_id and ids[-len(question):] == question
+        n_filler = 80 - 1 - len(needle) - len(question)
+        at = 1 + round(depth * n_filler)
+        assert ids[at:at + len(needle)] == needle
+    assert lc.needle_example(tokenizer, filler, 80, 0.0, 4821)[1:1 + len(needle)] == needle  # depth 0: first
+    with_answer = lc.needle_example(tokenizer, filler, 80, 0.3, 4821, with_answer=True)
+    assert tokenizer.decode(with_answer).endswith("The secret number is 4821.")
+    with pytest.raises(ValueError, match="too short"):
+        lc.needle_example(tokenizer, filler, 10, 0.5, 4821)
+
+
+def test_read_number():
+    assert lc.read_number(" 4821.") == 4821 and lc.read_number(" is 12 or 5") == 12 and lc.read_number("none") is None
+
+
+def test_niah_scorer_with_oracles(pretrained):
+    """An oracle that reads the needle from the prompt scores 100% everywhere; one that fails only
+    when the needle is at depth 0 scores 0% in that row alone."""
+    _, tokenizer = pretrained
+    model = mdl.Transformer(mdl.ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tokenizer.n_words,
+                                          max_seq_len=128))
+    filler = np.array(tokenizer.encode("the quick brown fox jumps over the lazy dog " * 200))
+
+    def oracle(model, prompts, fail_at_start=False):
+        out = []
+        for p in prompts:
+            text = tokenizer.decode(p)
+            number = re.search(r"secret number is (\d+)\.", text).group(1)
+            wrong = fail_at_start and text.index("The secret") < 5 + len("<|begin_of_text|>")
+            out.append(tokenizer.encode(" 1." if wrong else f" {number}."))
+        return out
+    depths = (0.0, 0.5, 1.0)
+    grid = lc.niah_accuracy(model, tokenizer, filler, [64, 128], depths, trials=3, answer=oracle)
+    assert grid.shape == (3, 2) and (grid == 1).all()
+    grid = lc.niah_accuracy(model, tokenizer, filler, [64, 128], depths, trials=3,
+                            answer=lambda m, p: oracle(m, p, fail_at_start=True))
+    assert (grid[0] == 0).all() and (grid[1:] == 1).all()
+    with pytest.raises(ValueError, match="beyond the model's 128 positions"):
+        lc.niah_accuracy(model, tokenizer, filler, [256], depths, trials=1, answer=oracle)
+
+
+def test_rope_levers_change_only_the_intended_bands():
+    base = mdl.ModelArgs(dim=256, n_heads=2, n_kv_heads=2, max_seq_len=256)  # head_dim 128
+    f0 = mdl.rope_frequencies(base)
+    wavelength = 2 * math.pi / f0
+    scaled = lc.extend_rope(base, 512, 256, 1024, "scale")
+    assert scaled.max_seq_len == 512 and scaled.rope_scale_factor == 4 and scaled.rope_original_max_len == 256
+    f1 = mdl.rope_frequencies(scaled)
+    short, long = wavelength < 256 / 4, wavelength > 256
+    assert torch.allclose(f1[short], f0[short]) and torch.allclose(f1[long], f0[long] / 4)
+    middle = ~short & ~long
+    assert middle.any() and ((f1[middle] < f0[middle]) & (f1[middle] > f0[middle] / 4)).all()
+    theta = lc.extend_rope(base, 1024, 256, 1024, "theta")
+    assert theta.rope_theta == 4 * base.rope_theta and theta.max_seq_len == 1024
+    assert lc.extend_rope(base, 512, 256, 1024, "none") == replace(base, max_seq_len=512)
+    with pytest.raises(ValueError, match="choose scale, theta or none"):
+        lc.extend_rope(base, 512, 256, 1024, "yarn")
+
+
+def test_short_extension_updates_the_context_and_lowers_long_position_loss(pretrained, tmp_path):
+    folder, _ = pretrained
+    out = tmp_path / "04"
+    lc.main(["--init", str(folder / "03"), "--out", str(out), "--stages", "96,128", "--steps-per-stage", "25",
+             "--extra-steps", "0", "--batch-tokens", "1024", "--lr", "2e-3", "--niah-trials", "2", "--eval-rows", "4",
+             "--device", "cpu"])
+    model, args = mdl.load_checkpoint(out)
+    assert args.max_seq_len == 128 and args.use_scaled_rope and args.rope_original_max_len == 64
+    metrics = json.loads((out / "metrics.json").read_text())
+    stages = metrics["stages"]
+    assert [s["length"] for s in stages] == [96, 128]
+    for s in stages:  # the gate's two parts are measured and reported for every stage
+        assert {"short_loss", "short_loss_before", "recovered", "niah", "niah_solved"} <= set(s)
+    assert stages[-1]["long_position_loss"] < stages[0]["long_position_loss_before"]
+    assert (out / "niah.png").stat().st_size > 1000 and (out / "rope.png").is_file()
+
+
+def test_bad_input(pretrained, tmp_path):
+    folder, _ = pretrained
+    with pytest.raises(FileNotFoundError, match="run python 03_pretrain.py first"):
+        lc.main(["--init", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="longer than the current context"):
+        lc.main(["--init", str(folder / "03"), "--out", str(tmp_path / "o"), "--stages", "48,96", "--device", "cpu"])
+    with pytest.raises(ValueError, match="each stage must be longer"):
+        lc.main(["--init", str(folder / "03"), "--out", str(tmp_path / "o"), "--stages", "128,96", "--device", "cpu"])
