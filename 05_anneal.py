@@ -1,0 +1,374 @@
+"""
+Chapter 5: annealing, checkpoint averaging, and annealing as a data-quality probe.
+
+Llama 3 §3.4.3: over the final stretch of pretraining (the last 40M tokens of 15.6T), the learning
+rate goes linearly to 0 at the long context length, on a mix that upsamples very-high-quality
+sources; the checkpoints taken during annealing are averaged (Polyak averaging) into the final
+pre-trained model. Benchmark training sets are kept out of the annealing data (§3.1.3).
+§3.1.3 also turns annealing into a cheap test of a small dataset: anneal a half-trained model on
+30% new data + 70% default mix and compare benchmark scores against annealing on the default mix.
+
+Here, from 04's checkpoint:
+  * anneal to LR 0 at the long context, upsampling math and code (and show the contamination check);
+  * average the snapshots taken during annealing, and compare with the last one;
+  * evaluate 04's model, the last and the averaged checkpoint on benchmarks built here: GSM8K-like
+    math (few-shot, answer extracted and checked) and held-out text completion, plus validation
+    loss per source; print a table, save a bar chart;
+  * `--probe SOURCE`: anneal an earlier 03 checkpoint with SOURCE at 30% vs a 0% control.
+
+Run it:
+    python 05_anneal.py                              # ~4 minutes on CPU; needs runs/04_long_context
+    python 05_anneal.py --probe synthetic_math       # is this source worth having? (§3.1.3)
+    python 05_anneal.py --probe path/to/new_data.jsonl
+"""
+
+import argparse
+import contextlib
+import importlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+tok = importlib.import_module("01_tokenizer")  # file names start with a digit
+mdl = importlib.import_module("02_model")
+pre = importlib.import_module("03_pretrain")
+
+BENCH_SEED, SHOT_SEED = 10_007, 20_011  # seeds no training data uses (03's synthetic math uses 0)
+
+
+@dataclass
+class AnnealConfig:
+    steps: int = 60
+    lr: float = 6e-4  # where the linear decay starts; it ends at exactly 0
+    batch_tokens: int = 4096
+    micro_batch: int = 0  # 0 = the whole batch in one forward pass
+    upsample: tuple = (("math", 2.0), ("code", 2.0))  # §3.4.3 upsamples very-high-quality data (math, code)
+    snapshots: int = 4  # checkpoints kept for averaging, evenly spaced over the second half, the last included
+    math_items: int = 100
+    shots: int = 3
+    completion_items: int = 100
+    eval_rows: int = 16
+    seed: int = 4321
+
+
+# -----------------------------------------------------------------------------
+# Schedule and averaging
+
+
+def anneal_lr(step, steps, peak):
+    """Linear decay from `peak` at step 0 to exactly 0 at the last step (§3.4.3)."""
+    return peak * (steps - 1 - step) / max(steps - 1, 1)
+
+
+def average_state_dicts(state_dicts):
+    """The element-wise mean of several checkpoints of one model (Polyak averaging, §3.4.3):
+    averaging nearby points of a low-learning-rate trajectory lands nearer the basin's centre."""
+    if not state_dicts:
+        raise ValueError("nothing to average")
+    keys = state_dicts[0].keys()
+    if any(sd.keys() != keys for sd in state_dicts):
+        raise ValueError("checkpoints to average must come from the same model (different parameter names)")
+    return {k: torch.stack([sd[k].float() for sd in state_dicts]).mean(0).to(state_dicts[0][k].dtype) for k in keys}
+
+
+def snapshot_steps(steps, n):
+    """`n` steps, evenly spaced over the second half of annealing, ending with the last."""
+    return sorted({steps - 1 - round(i * (steps // 2) / max(n - 1, 1)) for i in range(n)})
+
+
+# -----------------------------------------------------------------------------
+# Benchmarks built here, and the contamination check
+
+
+def math_benchmark(n):
+    """GSM8K-like items (question, answer) from 03's generator, with a seed no training data uses."""
+    return [(q, answer) for q, _, answer in pre.math_problems(n, BENCH_SEED)]
+
+
+def math_prompt(tokenizer, question, shots, max_tokens):
+    """Few-shot prompt ids: worked examples (from yet another seed), then the question, keeping as
+    many examples as fit in `max_tokens` (a short-context model gets fewer shots)."""
+    examples = [pre.format_problem(*p) for p in pre.math_problems(shots, SHOT_SEED)]
+    for k in range(shots, -1, -1):
+        ids = tokenizer.encode("".join(e + "\n" for e in examples[:k]) + f"Question: {question}\nAnswer:", bos=True)
+        if len(ids) <= max_tokens:
+            return ids
+    raise ValueError(f"the question alone is longer than {max_tokens} tokens: {question!r}")
+
+
+def extract_answer(completion):
+    """The number after "The answer is" in the model's first answer; failing that, the last number
+    before the next question; None if there is none."""
+    first = re.split(r"\n\s*Question:", completion)[0]
+    match = re.search(r"The answer is\s*\$?(-?\d[\d,]*)", first)
+    if match:
+        return int(match.group(1).replace(",", ""))
+    numbers = re.findall(r"-?\d+", first)
+    return int(numbers[-1]) if numbers else None
+
+
+def completion_benchmark(val, tokenizer, n, context=48, target=8, seed=0):
+    """Held-out text completion: `context` tokens of a validation document (prose and code), then the
+    next `target` tokens to reproduce greedily. Items: (prompt ids, target ids)."""
+    rng = np.random.default_rng(seed)
+    sources = [s for s in val.sources if pre.category_of(s) in ("general", "code")]
+    tokens, doc_ids = pre.sample_batch(val, {s: 1 / len(sources) for s in sources}, 4 * n, context + target, rng)
+    items = [(row[:context].tolist(), row[context:].tolist()) for row, d in zip(tokens, doc_ids)
+             if (d == d[0]).all() and (row < tokenizer.n_bpe).all()]  # one document, no special tokens
+    return items[:n]
+
+
+def contamination_filter(items, corpus_text, text_of):
+    """Drop benchmark items whose text occurs verbatim in the annealing data. Returns (kept, dropped)."""
+    kept = [item for item in items if text_of(item) not in corpus_text]
+    return kept, len(items) - len(kept)
+
+
+def annealing_text(shards, tokenizer, sources):
+    """The annealing data as one string, to search benchmark items in."""
+    return "\n".join(tokenizer.decode(shards.tokens[s].tolist()) for s in sources)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, math_items, completion_items, val, eval_cfg, device, shots=3, batch=25):
+    """Math accuracy, completion exact match and per-token accuracy, and validation loss per source."""
+    model.eval()
+    correct, answer_room = 0, 24
+    for i in range(0, len(math_items), batch):
+        chunk = math_items[i:i + batch]
+        prompts = [math_prompt(tokenizer, q, shots, model.args.max_seq_len - answer_room) for q, _ in chunk]
+        outputs = mdl.generate(model, prompts, max_new_tokens=answer_room, stop_tokens=tokenizer.stop_tokens)
+        correct += sum(extract_answer(tokenizer.decode(o)) == a for o, (_, a) in zip(outputs, chunk))
+    exact, token_hits = 0, 0
+    for i in range(0, len(completion_items), batch):
+        chunk = completion_items[i:i + batch]
+        outputs = mdl.generate(model, [p for p, _ in chunk], max_new_tokens=len(chunk[0][1]))
+        exact += sum(o == t for o, (_, t) in zip(outputs, chunk))
+        token_hits += sum(sum(a == b for a, b in zip(o, t)) for o, (_, t) in zip(outputs, chunk))
+    n_tokens = sum(len(t) for _, t in completion_items)
+    losses = pre.eval_losses(model, val, eval_cfg, device, contextlib.nullcontext())
+    model.train()
+    return {"math_accuracy": correct / max(len(math_items), 1),
+            "completion_exact": exact / max(len(completion_items), 1),
+            "completion_token_accuracy": token_hits / max(n_tokens, 1),
+            "val_loss": losses, "val_loss_mean": float(np.mean(list(losses.values())))}
+
+
+# -----------------------------------------------------------------------------
+# Annealing
+
+
+def anneal(model, train, weights, cfg, seq_len, device, log, snapshot_at=()):
+    """`cfg.steps` AdamW steps with the LR going linearly to 0, rows drawn by `weights`. Returns the
+    state dicts at `snapshot_at` steps (after their update) and the per-step losses."""
+    rows = cfg.batch_tokens // seq_len
+    if rows < 1:
+        raise ValueError(f"--batch-tokens {cfg.batch_tokens} is smaller than one row of {seq_len} tokens")
+    train_cfg = pre.TrainConfig(seq_len=seq_len, micro_batch=min(cfg.micro_batch or rows, rows), seed=cfg.seed,
+                                lr=cfg.lr)
+    optimizer = pre.make_optimizer(model, train_cfg, fused=device.type == "cuda")
+    rng = np.random.default_rng(cfg.seed)
+    snapshots, losses = [], []
+    for step in range(cfg.steps):
+        lr = anneal_lr(step, cfg.steps, cfg.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        tokens, doc_ids = pre.sample_batch(train, weights, rows, seq_len + 1, rng)
+        loss, grad_norm = pre.train_step(model, optimizer, tokens, doc_ids, train_cfg,
+                                         max(1, rows // train_cfg.micro_batch), device, contextlib.nullcontext())
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"annealing step {step}: loss {loss}; try a lower --lr")
+        losses.append({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm})
+        if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
+            log(f"anneal step {step + 1:>4}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.2f}")
+        if step in snapshot_at:
+            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return snapshots, losses
+
+
+def anneal_weights(train, upsample):
+    """The annealing mix: the paper's category shares with high-quality categories upsampled."""
+    base = pre.mix_weights(train, "paper")
+    factors = dict(upsample)
+    raw = {s: w * factors.get(pre.category_of(s), 1.0) for s, w in base.items()}
+    return {s: w / sum(raw.values()) for s, w in raw.items()}
+
+
+def probe_source(train, tokenizer, tokenizer_path, probe, folder, log):
+    """A source name already in the shards, or a file/folder of new text tokenized into `folder`."""
+    if probe in train.sources:
+        return train, probe
+    if not Path(probe).exists():
+        raise ValueError(f"--probe {probe!r} is neither a source of the shards ({', '.join(train.sources)}) "
+                         f"nor an existing file or folder")
+    documents = lambda: ((replace(d, source="probe")) for d in tok.iter_documents(probe))  # noqa: E731
+    pre.prepare_shards(documents, tokenizer, tokenizer_path, folder, f"probe:{Path(probe).resolve()}", log)
+    merged = pre.TokenShards(folder, "train")
+    merged.tokens.update({s: train.tokens[s] for s in train.sources})
+    merged.starts.update({s: train.starts[s] for s in train.sources})
+    merged.sources = sorted(merged.tokens)
+    return merged, "probe"
+
+
+def bar_chart(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = [("math_accuracy", "GSM8K-like accuracy"), ("completion_token_accuracy", "completion token acc."),
+               ("completion_exact", "completion exact match")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(results)
+    for k, (name, r) in enumerate(results.items()):
+        axes[0].bar(np.arange(len(metrics)) + k * width, [r[m] for m, _ in metrics], width, label=name)
+        sources = sorted(r["val_loss"])
+        axes[1].bar(np.arange(len(sources)) + k * width, [r["val_loss"][s] for s in sources], width, label=name)
+    axes[0].set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, [label for _, label in metrics], fontsize=8)
+    axes[1].set_xticks(np.arange(len(sources)) + 0.4 - width / 2, sources, fontsize=8, rotation=15)
+    axes[0].set_title("benchmarks (higher is better)"), axes[1].set_title("validation loss (lower is better)")
+    axes[0].legend(fontsize=8), fig.tight_layout(), fig.savefig(path, dpi=100), plt.close(fig)
+
+
+def print_table(results, log):
+    log(f"\n{'':<28}" + "".join(f"{name:>14}" for name in results))
+    rows = [("GSM8K-like accuracy", "math_accuracy"), ("completion exact match", "completion_exact"),
+            ("completion token accuracy", "completion_token_accuracy"), ("val loss (mean)", "val_loss_mean")]
+    for label, key in rows:
+        log(f"{label:<28}" + "".join(f"{r[key]:>14.3f}" for r in results.values()))
+    for source in sorted(next(iter(results.values()))["val_loss"]):
+        log(f"{'  val loss ' + source:<28}" + "".join(f"{r['val_loss'][source]:>14.3f}" for r in results.values()))
+
+
+def parse_args(argv):
+    d = AnnealConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init", default="runs/04_long_context", help="the model to anneal")
+    parser.add_argument("--data-dir", default="runs/03_pretrain/data", help="03's token shards")
+    parser.add_argument("--out", default="runs/05_anneal", help="output folder")
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--lr", type=float, default=d.lr, help="the rate annealing starts from (it ends at 0)")
+    parser.add_argument("--batch-tokens", type=int, default=d.batch_tokens)
+    parser.add_argument("--snapshots", type=int, default=d.snapshots, help="checkpoints averaged at the end")
+    parser.add_argument("--math-items", type=int, default=d.math_items)
+    parser.add_argument("--completion-items", type=int, default=d.completion_items)
+    parser.add_argument("--eval-rows", type=int, default=d.eval_rows)
+    parser.add_argument("--probe", default=None,
+                        help="a source name or a path of new text: anneal an earlier 03 checkpoint with it at 30%%")
+    parser.add_argument("--probe-init", default=None,
+                        help="checkpoint for --probe (default: the earliest ckpt_*.pt kept in runs/03_pretrain)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = AnnealConfig(steps=args.steps, lr=args.lr, batch_tokens=args.batch_tokens, snapshots=args.snapshots,
+                       math_items=args.math_items, completion_items=args.completion_items, eval_rows=args.eval_rows,
+                       seed=args.seed)
+    if cfg.steps < 2:
+        raise ValueError("--steps must be at least 2 (the learning rate decays from its peak to 0)")
+    device = torch.device(pre.pick_device(args.device))
+    data_dir = Path(args.data_dir)
+    if not (data_dir / "meta.json").is_file():
+        raise FileNotFoundError(f"{data_dir} (03's token shards) not found: run python 03_pretrain.py first "
+                                f"(or pass --data-dir)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, val = pre.TokenShards(data_dir, "train"), pre.TokenShards(data_dir, "val")
+    torch.manual_seed(cfg.seed)
+    if args.probe:
+        return run_probe(args, cfg, train, val, device, out)
+
+    init = Path(args.init)
+    if not (init / "model.pt").is_file():
+        raise FileNotFoundError(f"{init / 'model.pt'} not found: run python 04_long_context.py first (or pass --init DIR)")
+    tokenizer = tok.Tokenizer.load(init / "tokenizer.model")
+    model, args_04 = mdl.load_checkpoint(init, mmap=False)
+    model = model.to(device)
+    seq_len = args_04.max_seq_len  # §3.4.3: annealing runs at the long context length
+
+    weights = anneal_weights(train, cfg.upsample)
+    print("annealing mix: " + ", ".join(f"{s} {w:.1%}" for s, w in weights.items()))
+    math_items, completion_items = benchmarks(train, val, tokenizer, cfg, list(weights), print)
+    eval_cfg = pre.TrainConfig(seq_len=min(seq_len, 256), eval_rows=cfg.eval_rows, seed=cfg.seed)
+
+    evaluate_now = lambda: evaluate(model, tokenizer, math_items, completion_items, val, eval_cfg, device, cfg.shots)  # noqa: E731
+    results = {"04 model": evaluate_now()}
+    t0 = time.time()
+    at = snapshot_steps(cfg.steps, cfg.snapshots)
+    snapshots, losses = anneal(model, train, weights, cfg, seq_len, device, print, snapshot_at=at)
+    print(f"annealed {cfg.steps} steps at {seq_len} tokens in {time.time() - t0:.0f} s; averaging snapshots "
+          f"after steps {[s + 1 for s in at]}")
+    results["annealed (last)"] = evaluate_now()
+    last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(average_state_dicts(snapshots))
+    results["averaged"] = evaluate_now()
+    print_table(results, print)
+
+    mdl.atomic_save({"model": model.state_dict(), "args": asdict(args_04), "averaged_steps": [s + 1 for s in at]},
+                    out / "model.pt")  # the averaged model is the final pre-trained ("base") model
+    mdl.atomic_save({"model": last_state, "args": asdict(args_04)}, out / "last.pt")
+    tokenizer.save(out / "tokenizer.model")
+    with open(out / "log.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in losses)
+    bar_chart(results, out / "benchmarks.png")
+    (out / "metrics.json").write_text(json.dumps({"config": asdict(cfg), "mix": weights, "results": results,
+                                                   "benchmark_items": {"math": len(math_items),
+                                                                       "completion": len(completion_items)}}, indent=2))
+    print(f"wrote {out / 'model.pt'} (the averaged base model), last.pt, benchmarks.png, metrics.json")
+
+
+def benchmarks(train, val, tokenizer, cfg, sources, log):
+    """Build both benchmarks and drop any item found verbatim in the annealing data."""
+    corpus_text = annealing_text(train, tokenizer, sources)
+    math_items, dropped_math = contamination_filter(math_benchmark(cfg.math_items), corpus_text, lambda item: item[0])
+    completion_items, dropped_completion = contamination_filter(
+        completion_benchmark(val, tokenizer, cfg.completion_items, seed=cfg.seed), corpus_text,
+        lambda item: tokenizer.decode(item[0] + item[1]))
+    log(f"contamination check against {len(corpus_text):,} characters of annealing data: dropped "
+        f"{dropped_math} of {cfg.math_items} math items and {dropped_completion} completion items found there verbatim")
+    return math_items, completion_items
+
+
+def run_probe(args, cfg, train, val, device, out):
+    """§3.1.3: anneal a half-trained model with 30% candidate data, and a 0% control, then compare."""
+    if args.probe_init:
+        ckpt_path = Path(args.probe_init)
+    else:
+        kept = pre.checkpoints("runs/03_pretrain")
+        if not kept:
+            raise FileNotFoundError("no runs/03_pretrain/ckpt_*.pt to probe from: run python 03_pretrain.py first "
+                                    "(or pass --probe-init PATH)")
+        ckpt_path = kept[0]  # the earliest kept checkpoint: a partly trained model
+    tokenizer_path = Path(args.data_dir).parent / "tokenizer.model"
+    tokenizer = tok.Tokenizer.load(tokenizer_path)
+    train, source = probe_source(train, tokenizer, tokenizer_path, args.probe, out / "probe_data", print)
+    base = {s: w for s, w in pre.mix_weights(train, "paper").items() if s != source}
+    base = {s: w / sum(base.values()) for s, w in base.items()}
+    candidate = {**{s: 0.7 * w for s, w in base.items()}, source: 0.3}
+    seq_len = mdl.load_checkpoint(ckpt_path, mmap=False)[1].max_seq_len
+    math_items, completion_items = benchmarks(train, val, tokenizer, cfg, list(candidate), print)
+    eval_cfg = pre.TrainConfig(seq_len=seq_len, eval_rows=cfg.eval_rows, seed=cfg.seed)
+    results = {}
+    for name, weights in [("control (0%)", base), (f"{source} at 30%", candidate)]:
+        model, _ = mdl.load_checkpoint(ckpt_path, mmap=False)
+        model = model.to(device)
+        print(f"\nannealing {ckpt_path} on: " + ", ".join(f"{s} {w:.0%}" for s, w in weights.items() if w))
+        anneal(model, train, weights, cfg, seq_len, device, print)
+        results[name] = evaluate(model, tokenizer, math_items, completion_items, val, eval_cfg, device, cfg.shots)
+    print_table(results, print)
+    control, probe = results.values()
+    gains = {k: probe[k] - control[k] for k in ("math_accuracy", "completion_exact", "completion_token_accuracy",
+                                                  "val_loss_mean")}
+    print("gain over the control: " + ", ".join(f"{k} {v:+.3f}" for k, v in gains.items()))
+    (out / "probe.json").write_text(json.dumps({"probe": args.probe, "from": str(ckpt_path), "results": results,
+                                                 "gain": gains}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""05_anneal.py: the schedule ends at exactly 0, averaging is a plain mean, the answer extractor on
+hand-made cases, no benchmark item in the annealing data, and the chapter end to end."""
+import importlib
+import json
+
+import pytest
+import torch
+
+an = importlib.import_module("05_anneal")
+pre = importlib.import_module("03_pretrain")
+
+
+def test_lr_decays_linearly_to_exactly_zero():
+    lrs = [an.anneal_lr(s, 5, 1e-3) for s in range(5)]
+    assert lrs == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0]) and lrs[-1] == 0.0
+
+
+def test_averaging_is_a_plain_mean():
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
+    b = {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor([3.0])}
+    same = an.average_state_dicts([a, a, a])
+    assert all(torch.equal(same[k], a[k]) for k in a)  # N identical checkpoints: that checkpoint
+    mean = an.average_state_dicts([a, b])
+    assert torch.equal(mean["w"], torch.tensor([2.0, 4.0])) and torch.equal(mean["b"], torch.tensor([1.5]))
+    weighted = an.average_state_dicts([a, a, b])  # linear: (2a + b) / 3
+    assert torch.allclose(weighted["w"], (2 * a["w"] + b["w"]) / 3)
+    with pytest.raises(ValueError, match="same model"):
+        an.average_state_dicts([a, {"w": a["w"]}])
+
+
+def test_snapshots_cover_the_second_half_and_end_at_the_last_step():
+    assert an.snapshot_steps(60, 4) == [29, 39, 49, 59]
+    assert an.snapshot_steps(10, 1) == [9]
+
+
+@pytest.mark.parametrize("completion, answer", [
+    (" 3 + 4 = 7. The answer is 7.\n\nQuestion: What is 1 + 1?\nAnswer: The answer is 2.", 7),
+    (" 600 + 634 = 1,234. The answer is 1,234.", 1234),
+    (" The answer is $15.", 15),
+    (" 12 - 5 = 7 and then 9", 9),  # no "The answer is": the last number of the first answer
+    (" 12.\nQuestion: What is 2 times 3?\nAnswer: The answer is 6.", 12),
+    (" I do not know.", None),
+])
+def test_extract_answer(completion, answer):
+    assert an.extract_answer(completion) == answer
+
+
+def test_math_benchmark_is_fixed_and_few_shot(pretrained):
+    _, tokenizer = pretrained
+    items = an.math_benchmark(20)
+    assert items == an.math_benchmark(20)
+    q, _, a = pre.math_problems(1, an.BENCH_SEED)[0]
+    assert items[0] == (q, a)
+    full = tokenizer.decode(an.math_prompt(tokenizer, q, 3, 10_000))
+    assert full.count("Question:") == 4 and full.endswith(f"Question: {q}\nAnswer:")
+    short = an.math_prompt(tokenizer, q, 3, 120)  # fewer shots when the context is short
+    assert len(short) <= 120 and tokenizer.decode(short).endswith(f"Question: {q}\nAnswer:")
+    with pytest.raises(ValueError, match="longer than 5 tokens"):
+        an.math_prompt(tokenizer, q, 3, 5)
+
+
+def test_contamination_filter_drops_items_found_in_the_data():
+    items = [("p", 1, "What is 2 + 2?"), ("p", 2, "What is 3 + 3?")]
+    kept, dropped = an.contamination_filter(items, "Question: What is 2 + 2?\nAnswer: 4", lambda i: i[2])
+    assert kept == [items[1]] and dropped == 1
+
+
+def test_anneal_end_to_end_and_no_benchmark_item_in_the_annealing_data(long_context, pretrained, tmp_path, capsys):
+    folder, tokenizer = pretrained
+    out = tmp_path / "05"
+    an.main(["--init", str(long_context), "--data-dir", str(folder / "03" / "data"), "--out", str(out),
+             "--steps", "12", "--batch-tokens", "512", "--snapshots", "3", "--math-items", "10",
+             "--completion-items", "10", "--eval-rows", "4", "--device", "cpu"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["results"]) == ["04 model", "annealed (last)", "averaged"]
+    for r in metrics["results"].values():
+        assert 0 <= r["math_accuracy"] <= 1 and 0 <= r["completion_token_accuracy"] <= 1
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(log) == 12 and log[-1]["lr"] == 0.0
+    saved = torch.load(out / "model.pt", weights_only=True)
+    assert saved["averaged_steps"] == [6, 9, 12] and saved["args"]["max_seq_len"] == 128
+    assert (out / "benchmarks.png").stat().st_size > 1000 and "contamination check" in capsys.readouterr().out
+    # the check itself: rebuild the benchmarks and search every item in the annealing data
+    train = pre.TokenShards(folder / "03" / "data", "train")
+    val = pre.TokenShards(folder / "03" / "data", "val")
+    cfg = an.AnnealConfig(math_items=10, completion_items=10)
+    weights = an.anneal_weights(train, cfg.upsample)
+    math_items, completion_items = an.benchmarks(train, val, tokenizer, cfg, list(weights), lambda *a: None)
+    text = an.annealing_text(train, tokenizer, list(weights))
+    assert completion_items and all(tokenizer.decode(p + t) not in text for p, t in completion_items)
+    assert math_items and all(q not in text for q, _ in math_items)
+
+
+def test_probe_with_new_data(pretrained, long_context, tmp_path, capsys):
+    folder, _ = pretrained
+    data = tmp_path / "math.jsonl"
+    data.write_text("\n".join(json.dumps({"text": pre.format_problem(*p)}) for p in pre.math_problems(400, 99)))
+    an.main(["--probe", str(data), "--probe-init", str(long_context / "model.pt"),
+             "--data-dir", str(folder / "03" / "data"), "--out", str(tmp_path / "05"), "--steps", "6",
+             "--batch-tokens", "512", "--math-items", "8", "--completion-items", "8", "--eval-rows", "4",
+             "--device", "cpu"])
+    probe = json.loads((tmp_path / "05" / "probe.json").read_text())
+    assert list(probe["results"]) == ["control (0%)", "probe at 30%"]
+    assert set(probe["gain"]) == {"math_accuracy", "completion_exact", "completion_token_accuracy", "val_loss_mean"}
+    assert "gain over the control" in capsys.readouterr().out
+
+
+def test_bad_input(tmp_path, pretrained):
+    folder, _ = pretrained
+    with pytest.raises(FileNotFoundError, match="run python 03_pretrain.py first"):
+        an.main(["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="run python 04_long_context.py first"):
+        an.main(["--init", str(tmp_path / "none"), "--data-dir", str(folder / "03" / "data"), "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="neither a source"):
+        an.main(["--probe", "nonsense", "--probe-init", str(sorted((folder / "03").glob("ckpt_*.pt"))[0]),
+                 "--data-dir", str(folder / "03" / "data"), "--out", str(tmp_path / "o")])
