@@ -42,8 +42,8 @@ pre = importlib.import_module("03_pretrain")
 @dataclass
 class LongContextConfig:
     stages: tuple = (512, 768, 1024)  # context length of each stage (the paper: six stages, 8K -> 128K)
-    steps_per_stage: int = 50
-    extra_steps: int = 40  # at most this many more steps per stage while its gate fails (in chunks of 20)
+    steps_per_stage: int = 40
+    extra_steps: int = 20  # at most this many more steps per stage while its gate fails (in chunks of 20)
     batch_tokens: int = 4096  # per optimizer step, as in pretraining: fewer, longer rows
     micro_batch: int = 0  # rows per forward pass; 0 = the whole batch at once (fastest on a CPU)
     lr: float = 1e-3
@@ -54,7 +54,7 @@ class LongContextConfig:
     activation_checkpointing: bool = False
     recover_tolerance: float = 0.03  # short-context loss may end at most 3% above the pre-extension model's
     niah_depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
-    niah_trials: int = 4  # needles per (length, depth) cell
+    niah_trials: int = 3  # needles per (length, depth) cell
     eval_rows: int = 16
     seed: int = 1234
 
@@ -105,7 +105,8 @@ def plot_rope(base_args, final_args, path):
 
 NEEDLE = " The secret number is {number}. "
 QUESTION = "\nWhat is the secret number? The secret number is"
-ANSWER_ROOM = 4  # tokens generated for the answer (" 4821" is 2-3 tokens); a NIAH length includes them
+ANSWER_ROOM = 4  # tokens generated for the answer; a NIAH length includes them
+NUMBERS = (10, 100)  # two-digit needles: one token each, so retrieval is a single copy over a distance
 
 
 def needle_example(tokenizer, filler, length, depth, number, with_answer=False):
@@ -144,7 +145,7 @@ def niah_accuracy(model, tokenizer, filler, lengths, depths, trials, seed=0, ans
     model.eval()
     for j, length in enumerate(lengths):
         for i, depth in enumerate(depths):
-            numbers = rng.integers(1000, 10000, size=trials).tolist()
+            numbers = rng.integers(*NUMBERS, size=trials).tolist()
             starts = rng.integers(0, len(filler) - length, size=trials)
             prompts = [needle_example(tokenizer, filler[s:s + length].tolist(), length - ANSWER_ROOM, depth, n)
                        for s, n in zip(starts, numbers)]
@@ -178,7 +179,7 @@ def training_rows(shards, weights, filler, tokenizer, n_rows, length, passkey_fr
     tokens, doc_ids = pre.sample_batch(shards, weights, n_rows, length + 1, rng)
     for row in np.flatnonzero(rng.random(n_rows) < passkey_fraction):
         start = int(rng.integers(0, len(filler) - length))
-        number = int(rng.integers(1000, 10000))
+        number = int(rng.integers(*NUMBERS))
         ids = needle_example(tokenizer, filler[start:start + length].tolist(), length - 3, float(rng.random()),
                              number, with_answer=True)[:length + 1]
         ids = ids + filler[start:start + length + 1 - len(ids)].tolist()  # top up to the row length
