@@ -259,7 +259,7 @@ def parse_args(argv):
     parser.add_argument("--probe", default=None,
                         help="a source name or a path of new text: anneal an earlier 03 checkpoint with it at 30%%")
     parser.add_argument("--probe-init", default=None,
-                        help="checkpoint for --probe (default: the earliest ckpt_*.pt kept in runs/03_pretrain)")
+                        help="checkpoint for --probe (default: the earliest ckpt_*.pt kept beside --data-dir)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=d.seed)
     return parser.parse_args(argv)
@@ -340,10 +340,11 @@ def run_probe(args, cfg, train, val, device, out):
     if args.probe_init:
         ckpt_path = Path(args.probe_init)
     else:
-        kept = pre.checkpoints("runs/03_pretrain")
+        run_03 = Path(args.data_dir).parent  # the pretraining run the shards belong to
+        kept = pre.checkpoints(run_03)
         if not kept:
-            raise FileNotFoundError("no runs/03_pretrain/ckpt_*.pt to probe from: run python 03_pretrain.py first "
-                                    "(or pass --probe-init PATH)")
+            raise FileNotFoundError(f"no {run_03}/ckpt_*.pt to probe from: run python 03_pretrain.py first "
+                                    f"(or pass --probe-init PATH)")
         ckpt_path = kept[0]  # the earliest kept checkpoint: a partly trained model
     tokenizer_path = Path(args.data_dir).parent / "tokenizer.model"
     tokenizer = tok.Tokenizer.load(tokenizer_path)

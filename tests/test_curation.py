@@ -7,7 +7,6 @@ import re
 
 import numpy as np
 import pytest
-import regex
 
 pre = importlib.import_module("03_pretrain")
 tok = importlib.import_module("01_tokenizer")

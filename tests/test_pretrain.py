@@ -3,7 +3,6 @@ equals one process, downloads from a local server, and bad input."""
 import http.server
 import importlib
 import json
-import math
 import os
 import signal
 import socket
