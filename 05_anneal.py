@@ -234,13 +234,14 @@ def bar_chart(results, path):
 
 
 def print_table(results, log):
-    log(f"\n{'':<28}" + "".join(f"{name:>14}" for name in results))
+    width = max(len(name) for name in results) + 2
+    log(f"\n{'':<28}" + "".join(f"{name:>{width}}" for name in results))
     rows = [("GSM8K-like accuracy", "math_accuracy"), ("completion exact match", "completion_exact"),
             ("completion token accuracy", "completion_token_accuracy"), ("val loss (mean)", "val_loss_mean")]
     for label, key in rows:
-        log(f"{label:<28}" + "".join(f"{r[key]:>14.3f}" for r in results.values()))
+        log(f"{label:<28}" + "".join(f"{r[key]:>{width}.3f}" for r in results.values()))
     for source in sorted(next(iter(results.values()))["val_loss"]):
-        log(f"{'  val loss ' + source:<28}" + "".join(f"{r['val_loss'][source]:>14.3f}" for r in results.values()))
+        log(f"{'  val loss ' + source:<28}" + "".join(f"{r['val_loss'][source]:>{width}.3f}" for r in results.values()))
 
 
 def parse_args(argv):
