@@ -298,7 +298,7 @@ _PII = regex.compile(r"[\w.+-]+@[\w-]+\.[a-z]{2,}"  # e-mail addresses
 
 def unsafe_reason(doc, max_per_1000_words=2.0):
     words = regex.findall(r"\p{L}+", doc.text.lower())
-    per_1000 = lambda n: 1000 * n / max(len(words), 1)  # noqa: E731
+    per_1000 = lambda n: 1000 * n / max(len(words), 1)
     if per_1000(sum(w in UNSAFE_TERMS for w in words)) > max_per_1000_words:
         return "adult content"
     if category_of(doc.source) != "code" and per_1000(len(_PII.findall(doc.text))) > 5 * max_per_1000_words:
@@ -863,7 +863,7 @@ def pick_attention(device, cfg, log):
         tokens = torch.randint(0, 64, (1, 256), device=device)
         probe(tokens, doc_ids=(torch.arange(256, device=device) // 100)[None]).sum().backward()
         return "flex"
-    except Exception as e:  # noqa: BLE001 (any failure means: use the path that always works)
+    except Exception as e:  # any failure means: use the path that always works
         log(f"note: flex attention unavailable here ({type(e).__name__}: {e}); using SDPA with a dense document mask")
         return "sdpa"
 
@@ -895,7 +895,7 @@ def prepare_data(args, tokenizer, tokenizer_path, out, rank, world, log):
     else:
         if args.data is not None and not Path(args.data).exists():
             raise FileNotFoundError(f"--data {args.data}: no such file or folder")
-        documents = lambda: tok.iter_documents(args.data)  # noqa: E731
+        documents = lambda: tok.iter_documents(args.data)
         data_key = f"data:{Path(args.data).resolve()}" if args.data else f"default corpus (Python {sys.version_info[0]}.{sys.version_info[1]})"
     math_problems = args.math_problems if args.math_problems is not None else (
         0 if args.data or args.dataset else 4000)

@@ -206,7 +206,7 @@ def probe_source(train, tokenizer, tokenizer_path, probe, folder, log):
     if not Path(probe).exists():
         raise ValueError(f"--probe {probe!r} is neither a source of the shards ({', '.join(train.sources)}) "
                          f"nor an existing file or folder")
-    documents = lambda: ((replace(d, source="probe")) for d in tok.iter_documents(probe))  # noqa: E731
+    documents = lambda: ((replace(d, source="probe")) for d in tok.iter_documents(probe))
     pre.prepare_shards(documents, tokenizer, tokenizer_path, folder, f"probe:{Path(probe).resolve()}", log)
     merged = pre.TokenShards(folder, "train")
     merged.tokens.update({s: train.tokens[s] for s in train.sources})
@@ -298,7 +298,7 @@ def main(argv=None):
     math_items, completion_items = benchmarks(train, val, tokenizer, cfg, list(weights), print)
     eval_cfg = pre.TrainConfig(seq_len=min(seq_len, 256), eval_rows=cfg.eval_rows, seed=cfg.seed)
 
-    evaluate_now = lambda: evaluate(model, tokenizer, math_items, completion_items, val, eval_cfg, device, cfg.shots)  # noqa: E731
+    evaluate_now = lambda: evaluate(model, tokenizer, math_items, completion_items, val, eval_cfg, device, cfg.shots)
     results = {"04 model": evaluate_now()}
     t0 = time.time()
     at = snapshot_steps(cfg.steps, cfg.snapshots)
