@@ -5,10 +5,13 @@ Llama 3 §3.4.1 trains with AdamW, a linear warmup then cosine decay to 1% of th
 rate, and a batch that grows 4M -> 8M -> 16M tokens; §3.3 shards the model with FSDP and keeps
 gradient reductions in fp32. This script does the same at any size:
 
-  data     documents -> 01's tokenizer -> memory-mapped token shards per source and split, each
-           document wrapped in <|begin_of_text|> ... <|end_of_text|>; rows of seq_len tokens are cut
-           at random places, so they pack several documents, and the model's document mask keeps
-           them apart (Llama 3 §3.2). A data mix picks the source of each row.
+  data     documents (+ synthetic math) -> curation (§3.1.1: heuristic filters, line, near- and
+           semantic de-duplication, a safety filter, a quality classifier) -> 01's tokenizer ->
+           memory-mapped token shards per source and split, each document wrapped in
+           <|begin_of_text|> ... <|end_of_text|>. Rows of seq_len tokens are cut at random places, so
+           they pack several documents, and the model's document mask keeps them apart (§3.2). The
+           paper's data mix (§3.1.2: 50% general, 25% math, 17% code, 8% multilingual) picks each
+           row's source.
   train    AdamW, warmup + cosine, gradient clipping and accumulation to a batch counted in tokens,
            optional batch ramp, bf16 + torch.compile on GPU, FSDP2 under torchrun.
   outputs  runs/03_pretrain/: log.jsonl, loss.png, metrics.json, ckpt_NNNNNN.pt (atomic, last k kept,
