@@ -800,24 +800,28 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
 def peak_flops(device, dtype):
-    """FLOP/s that MFU divides by: the datasheet peak of a known GPU, else a measured matmul peak."""
+    """FLOP/s that MFU divides by: the datasheet peak of a known GPU, else the best matmul rate
+    measured here over a few shapes and repeats (one timing alone is at the mercy of clock ramp-up
+    and other processes, and a low peak makes MFU read too high)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tflops in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return tflops * 1e12
-    n = 2048 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    a @ a
+    scale = 1 if device.type == "cpu" else 4
     best = 0.0
-    for _ in range(3):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ a
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    for m, k, n in [(1024, 1024, 1024), (2048, 2048, 2048), (4096, 1024, 1024), (4096, 256, 1024)]:
+        a = torch.randn(m * scale, k * scale, device=device, dtype=dtype)
+        b = torch.randn(k * scale, n * scale, device=device, dtype=dtype)
+        a @ b  # warm-up
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, 2 * m * k * n * scale**3 / (time.perf_counter() - t0))
     return best
 
 
@@ -1067,12 +1071,12 @@ def run(args, device, rank, world, log):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tokenizer_path, out / "tokenizer.model")
-    log_file = open(out / "log.jsonl", log_mode) if rank == 0 else None
-    if rank == 0 and log_mode == "w":
-        log_file.write(json.dumps({"config": asdict(cfg), "model": asdict(model_args), "params": n_params,
-                                   "world": world, "device": str(device)}) + "\n")
     flops_per_token = mdl.flops_per_token(model_args, cfg.seq_len)
     peak = peak_flops(device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    log_file = open(out / "log.jsonl", log_mode) if rank == 0 else None
+    if rank == 0 and log_mode == "w":  # the header: what every later record is relative to
+        log_file.write(json.dumps({"config": asdict(cfg), "model": asdict(model_args), "params": n_params,
+                                   "world": world, "device": str(device), "peak_flops": peak}) + "\n")
     log(f"model {cfg.model}: {n_params / 1e6:.1f} M parameters | {world} process(es) on {device} | {cfg.dtype} | "
         f"batch {cfg.batch_tokens:,} tokens = {rows} rows x {cfg.seq_len} | {cfg.steps} steps")
 
@@ -1110,7 +1114,7 @@ def run(args, device, rank, world, log):
         return tokenizer.decode(ids)
 
     model.train()
-    t_run, tokens_seen, last_loss = time.time(), 0, float("nan")
+    t_run, last_loss = time.time(), float("nan")
     steps_this_run = 0
     for step in range(start_step, cfg.steps + 1):
         last = step == cfg.steps
@@ -1143,7 +1147,6 @@ def run(args, device, rank, world, log):
                                      f"{kept[-1] if kept else 'none yet'}")
         dt = time.time() - t0
         step_tokens = n_micro * cfg.micro_batch * cfg.seq_len * world
-        tokens_seen += step_tokens
         steps_this_run += 1
         tps = step_tokens / dt
         mfu = tps * flops_per_token / (peak * world)

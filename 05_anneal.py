@@ -353,7 +353,7 @@ def run_probe(args, cfg, train, val, device, out):
     base = {s: w for s, w in pre.mix_weights(train, "paper").items() if s != source}
     base = {s: w / sum(base.values()) for s, w in base.items()}
     candidate = {**{s: 0.7 * w for s, w in base.items()}, source: 0.3}
-    seq_len = mdl.load_checkpoint(ckpt_path, mmap=False)[1].max_seq_len
+    seq_len = mdl.load_checkpoint(ckpt_path)[1].max_seq_len  # memory-mapped: only the args are read
     math_items, completion_items = benchmarks(train, val, tokenizer, cfg, list(candidate), print)
     eval_cfg = pre.TrainConfig(seq_len=seq_len, eval_rows=cfg.eval_rows, seed=cfg.seed)
     results = {}

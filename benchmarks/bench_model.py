@@ -2,7 +2,8 @@
 
 1. Training step (forward + backward + AdamW), fp32, the ~7 M parameter preset, batch 16 x 256:
    tokens/s of both, the ratio (target: ours >= HF), and MFU against this machine's fp32 matmul
-   peak measured here (FLOPs/token = 6·N + 12·L·H·Dh·T, as in 02_model.flops_per_token).
+   peak measured here by 03_pretrain.peak_flops (FLOPs/token = 6·N + 12·L·H·Dh·T, as in
+   02_model.flops_per_token).
 2. Decoding with a KV cache, 32-token prompt + 128 new tokens, batch 1 and 8 (target: >= 3x HF).
 
     python benchmarks/bench_model.py [--steps 5] [--rounds 3]
@@ -17,19 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 m = importlib.import_module("02_model")
-
-
-def matmul_peak_gflops(repeats=5):
-    """Best fp32 GFLOP/s over a few matmul shapes of the sizes this model uses."""
-    best = 0.0
-    for M, K, N in [(4096, 256, 768), (4096, 768, 256), (4096, 256, 8192), (2048, 2048, 2048), (1024, 1024, 1024)]:
-        a, b = torch.randn(M, K), torch.randn(K, N)
-        a @ b
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        best = max(best, 2 * M * K * N * repeats / (time.perf_counter() - t0) / 1e9)
-    return best
+pre = importlib.import_module("03_pretrain")  # its peak_flops is the peak every MFU here divides by
 
 
 def hf_model(ours):
@@ -77,7 +66,7 @@ def main():
           f"{model_args.n_heads}/{model_args.n_kv_heads} heads, vocab {model_args.vocab_size}); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-    peak = matmul_peak_gflops()
+    peak = pre.peak_flops(torch.device("cpu"), torch.float32) / 1e9
     tokens = torch.randint(0, model_args.vocab_size, (16, 257))
     flops = m.flops_per_token(model_args, 256)
     ours_tps = hf_tps = 0.0

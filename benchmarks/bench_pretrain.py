@@ -33,15 +33,15 @@ def main():
                   "--ckpt-every", "1000000", *rest])
         records = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
     header, steps_log = records[0], [r for r in records if "loss" in r][args.skip:]
-    device = torch.device("cuda" if cuda else "cpu")
-    peak = pre.peak_flops(device, torch.bfloat16 if header["config"]["dtype"] == "bfloat16" else torch.float32)
+    peak = header["peak_flops"]  # what the run divided by for its MFU
+    datasheet = cuda and any(key in torch.cuda.get_device_name() for key in pre.GPU_PEAK_TFLOPS)
     tps = float(np.median([r["tokens_per_s"] for r in steps_log]))
     mfu = float(np.median([r["mfu"] for r in steps_log]))
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{name}: preset model {header['config']['model']} ({header['params'] / 1e6:.1f} M parameters), "
           f"{header['config']['dtype']}, batch {header['config']['batch_tokens']:,} tokens x seq {header['config']['seq_len']}")
     print(f"median over steps {args.skip + 1}-{steps}: {tps:,.0f} tokens/s, MFU {mfu:.1%} "
-          f"(peak {'datasheet' if cuda and peak else 'measured now'}: {peak / 1e12:.3f} TFLOP/s)")
+          f"(peak {'from the datasheet' if datasheet else 'measured at the start of the run'}: {peak / 1e12:.3f} TFLOP/s)")
 
 
 if __name__ == "__main__":
