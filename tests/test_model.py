@@ -186,6 +186,48 @@ def test_cached_generation_equals_uncached_recomputation_for_a_ragged_batch():
             assert m.generate(model, [prompt], max_new_tokens=20)[0] == out
 
 
+def test_kv_cache_refuses_positions_it_does_not_hold():
+    model = random_model(tiny())
+    cache = m.KVCache(model.args, 1, 8)
+    model(torch.ones(1, 6, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="KV cache holds 8 positions; 10 needed"):
+        model(torch.ones(1, 4, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="exceeds max_seq_len=128"):
+        m.KVCache(model.args, 1, 129)
+
+
+def test_compiled_decoder_is_rebuilt_when_the_weights_change():
+    model = random_model(tiny())
+    first = m.compiled_decoder(model)  # compiling is lazy: nothing is compiled until a call
+    assert m.compiled_decoder(model) is first
+    with torch.no_grad():
+        model.output.weight.mul_(2)  # as an optimizer step would: the frozen copy is stale now
+    second = m.compiled_decoder(model)
+    assert second is not first and m.compiled_decoder(model) is second
+    model.load_state_dict(random_model(tiny(), seed=1).state_dict())
+    assert m.compiled_decoder(model) is not second
+
+
+def test_compiled_generation_equals_eager_and_compiles_once_per_batch_size():
+    """The compiled decode step (frozen weights, inductor's own GEMMs) gives the same greedy tokens
+    as eager, for a ragged batch; a second call with other lengths reuses the compiled step."""
+    torch._dynamo.reset()
+    model = random_model(tiny())
+    prompts = [[5, 17, 42, 9, 100, 7, 3], [250], [11, 12, 13]]
+    assert m.generate(model, prompts, 20, compile=True) == m.generate(model, prompts, 20)
+    compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    other = [[1, 2, 3, 4], [9, 8], [7]]  # cache length 128 for both calls (max_seq_len caps the rounding)
+    assert m.generate(model, other, 30, compile=True) == m.generate(model, other, 30)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_graphs
+
+
+def test_compiled_generation_without_a_compiler_says_what_to_do():
+    model = random_model(tiny())
+    no_compiler = {"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}  # no cached kernels either
+    with torch._inductor.config.patch(no_compiler), pytest.raises(RuntimeError, match="drop --compile"):
+        m.generate(model, [[1, 2, 3]], 5, compile=True)
+
+
 def test_generation_stops_on_stop_tokens():
     model = random_model(tiny())
     free = m.generate(model, [[1, 2, 3]], max_new_tokens=15)[0]
