@@ -462,7 +462,8 @@ def compiled_decoder(model):
             options = {"triton.cudagraphs": True}
         elif device_type == "cpu":
             options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                       "cpp.enable_concat_linear": True, "cpp_wrapper": True}
+                       "cpp.enable_concat_linear": True, "cpp_wrapper": True,
+                       "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
         compiled = torch.compile(model, fullgraph=True, dynamic=False)
 
         def decode(*args, **kwargs):
