@@ -894,6 +894,19 @@ def pick_device(name):
 MODEL_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of")
 
 
+def data_fingerprint(data):
+    """A short hash of the path, size and modification time of every text file under --data:
+    editing, adding or removing a file changes it, so shards cached from the old files are rebuilt
+    (a cheap stand-in for hashing the contents, which for a big corpus would take minutes)."""
+    root = Path(data)
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in tok.TEXT_SUFFIXES) if root.is_dir() else [root]
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.relative_to(root) if root.is_dir() else f.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def prepare_data(args, tokenizer, tokenizer_path, out, rank, world, log):
     """Documents -> (synthetic math) -> curation -> token shards (rank 0, cached) -> the mix."""
     if args.dataset:
@@ -903,7 +916,8 @@ def prepare_data(args, tokenizer, tokenizer_path, out, rank, world, log):
         if args.data is not None and not Path(args.data).exists():
             raise FileNotFoundError(f"--data {args.data}: no such file or folder")
         documents = lambda: tok.iter_documents(args.data)
-        data_key = f"data:{Path(args.data).resolve()}" if args.data else f"default corpus (Python {sys.version_info[0]}.{sys.version_info[1]})"
+        data_key = (f"data:{Path(args.data).resolve()} ({data_fingerprint(args.data)})" if args.data
+                    else f"default corpus (Python {sys.version_info[0]}.{sys.version_info[1]})")
     math_problems = args.math_problems if args.math_problems is not None else (
         0 if args.data or args.dataset else 4000)
     mix = parse_mix(args.mix)

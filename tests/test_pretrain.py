@@ -138,6 +138,21 @@ def test_mix_weights_give_the_requested_proportions(tmp_path):
         pre.sample_batch(shards, weights, 4, 2000, np.random.default_rng(0))
 
 
+def test_data_fingerprint_changes_when_a_file_changes(tmp_path):
+    data = tmp_path / "data"
+    (data / "poems").mkdir(parents=True)
+    (data / "poems" / "a.txt").write_text("one\n")
+    first = pre.data_fingerprint(data)
+    assert pre.data_fingerprint(data) == first
+    (data / "poems" / "a.txt").write_text("one, edited\n")  # the cached shards of --data are stale now
+    edited = pre.data_fingerprint(data)
+    (data / "poems" / "b.md").write_text("two\n")
+    added = pre.data_fingerprint(data)
+    (data / "notes.bin").write_bytes(b"\0")  # not a text file: not read, so not part of the key
+    assert len({first, edited, added}) == 3 and pre.data_fingerprint(data) == added
+    assert pre.data_fingerprint(data / "poems" / "a.txt") != pre.data_fingerprint(data / "poems" / "b.md")
+
+
 def test_each_rank_takes_its_slice_of_the_global_batch(setup, tmp_path):
     tokenizer = tok.Tokenizer.load(setup / "tokenizer.model")
     pre.prepare_shards(lambda: tok.iter_documents(str(setup / "data")), tokenizer, setup / "tokenizer.model",
