@@ -150,11 +150,9 @@ def _parquet_documents(path, source, name):
             yield Document(source, f"{name}:{row}", text or "")
 
 
-def iter_user_documents(data):
-    """`--data PATH`: a .txt/.md file, a .jsonl file with a "text" field (and an optional "source"),
-    a .parquet file with a "text" column (needs pyarrow), or a folder of them (searched recursively). In a folder, each top-level subfolder is a source;
-    files directly inside it belong to a source named after the folder. Documents are read one at
-    a time, so a corpus larger than memory can stream through (03_pretrain.py tokenizes it so)."""
+def data_files(data):
+    """The text files `--data PATH` stands for: the file itself, or every .txt/.md/.jsonl/.parquet
+    file under the folder, sorted."""
     root = Path(data)
     if not root.exists():
         raise FileNotFoundError(f"--data {data}: no such file or folder")
@@ -162,12 +160,19 @@ def iter_user_documents(data):
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
             raise ValueError(f"--data {data}: the folder holds no {', '.join(TEXT_SUFFIXES)} files")
-    elif root.suffix in TEXT_SUFFIXES:
-        files = [root]
-    else:
-        raise ValueError(f"--data {data}: expected a {', '.join(TEXT_SUFFIXES)} file or a folder of them")
+        return files
+    if root.suffix in TEXT_SUFFIXES:
+        return [root]
+    raise ValueError(f"--data {data}: expected a {', '.join(TEXT_SUFFIXES)} file or a folder of them")
 
-    for path in files:
+
+def iter_user_documents(data):
+    """`--data PATH`: a .txt/.md file, a .jsonl file with a "text" field (and an optional "source"),
+    a .parquet file with a "text" column (needs pyarrow), or a folder of them (searched recursively). In a folder, each top-level subfolder is a source;
+    files directly inside it belong to a source named after the folder. Documents are read one at
+    a time, so a corpus larger than memory can stream through (03_pretrain.py tokenizes it so)."""
+    root = Path(data)
+    for path in data_files(data):
         rel = path.relative_to(root) if root.is_dir() else Path(path.name)
         source = rel.parts[0] if len(rel.parts) > 1 else (root.name if root.is_dir() else path.stem)
         name = f"{source}/{rel.with_suffix('').as_posix()}"

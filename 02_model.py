@@ -227,7 +227,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, Dh)
         if layer_cache is not None:
             cache, layer = layer_cache
-            k, v = cache.update(layer, k, v)  # (B, Hkv, Tk, Dh): all cached positions so far
+            k, v = cache.update(layer, k, v)  # (B, Hkv, L, Dh): every slot of the cache
         n_rep = self.n_heads // self.n_kv_heads
         # A compiled decode step on CPU (compiled_decoder) takes the math path too: inductor fuses
         # its few small ops into its own loops, where SDPA would stay an opaque call (~15% slower).
@@ -400,8 +400,8 @@ class KVCache:
 
     def claim(self, n):
         """Reserve the next n slots for the current forward call and return their positions (n,)."""
-        if not torch.compiler.is_compiling() and self.pos.item() + n > self.shape[3]:
-            raise ValueError(f"KV cache holds {self.shape[3]} positions; {self.pos.item() + n} needed")
+        if not torch.compiler.is_compiling() and (needed := self.pos.item() + n) > self.shape[3]:
+            raise ValueError(f"KV cache holds {self.shape[3]} positions; {needed} needed")
         self.positions = self.pos + torch.arange(n, device=self.pos.device)
         self.pos += n  # in place: a compiled step updates the same tensor
         return self.positions
@@ -457,7 +457,7 @@ def compiled_decoder(model):
     cached = getattr(model, "_compiled_decoder", None)
     if cached is None or cached[0] != fingerprint:
         device_type = model.tok_embeddings.weight.device.type
-        options = {}  # inductor settings, read whenever it (re)compiles
+        options = {}  # inductor settings
         if device_type == "cuda":
             options = {"triton.cudagraphs": True}
         elif device_type == "cpu":
@@ -465,15 +465,21 @@ def compiled_decoder(model):
                        "cpp.enable_concat_linear": True, "cpp_wrapper": True,
                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
         compiled = torch.compile(model, fullgraph=True, dynamic=False)
+        shapes_compiled = set()
 
-        def decode(*args, **kwargs):
-            with torch._inductor.config.patch(options):
+        def decode(tokens, doc_ids=None, cache=None):
+            shape = (tuple(tokens.shape), cache.shape)
+            if shape in shapes_compiled:  # compiled already: skip the options (~50 µs a step to set)
+                return compiled(tokens, doc_ids=doc_ids, cache=cache)
+            with torch._inductor.config.patch(options):  # read by inductor while it compiles
                 try:
-                    return compiled(*args, **kwargs)
+                    logits = compiled(tokens, doc_ids=doc_ids, cache=cache)
                 except torch._dynamo.exc.BackendCompilerFailed as e:
                     raise RuntimeError(f"compiling the decode step failed on {device_type} (inductor needs a C++ "
                                        f"compiler on CPU, Triton on CUDA): {str(e).splitlines()[0]}\n"
                                        f"Generate without compile (drop --compile) instead.") from e
+            shapes_compiled.add(shape)
+            return logits
         cached = (fingerprint, decode)
         model._compiled_decoder = cached
     return cached[1]

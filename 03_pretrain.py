@@ -899,9 +899,8 @@ def data_fingerprint(data):
     editing, adding or removing a file changes it, so shards cached from the old files are rebuilt
     (a cheap stand-in for hashing the contents, which for a big corpus would take minutes)."""
     root = Path(data)
-    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in tok.TEXT_SUFFIXES) if root.is_dir() else [root]
     digest = hashlib.sha256()
-    for f in files:
+    for f in tok.data_files(data):
         stat = f.stat()
         digest.update(f"{f.relative_to(root) if root.is_dir() else f.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
@@ -1120,7 +1119,7 @@ def run(args, device, rank, world, log):
         model.eval()
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         prompt = tokenizer.encode("\n", bos=True)
-        # Generation changes shapes at every token: run it eagerly rather than recompile each time.
+        # Generation's shapes (prompt, KV cache) are not training's: run it eagerly, not recompiled.
         with torch.compiler.set_stance("force_eager"):
             ids = mdl.generate(model, [prompt], max_new_tokens=min(64, cfg.seq_len - len(prompt)), temperature=0.8,
                                top_p=0.95, stop_tokens=tokenizer.stop_tokens, generator=generator)[0]
