@@ -232,6 +232,11 @@ def test_compiled_generation_equals_eager_and_compiles_once_per_batch_size():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_graphs
 
 
+def test_compiled_cache_sizes_are_two_per_doubling():
+    sizes = [m.cache_slots_for_compile(n) for n in (1, 128, 129, 160, 192, 193, 257, 385, 600, 1000)]
+    assert sizes == [128, 128, 192, 192, 192, 256, 384, 512, 768, 1024]
+
+
 def test_compiled_generation_without_a_compiler_says_what_to_do():
     model = random_model(tiny())
     no_compiler = {"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}  # no cached kernels either
