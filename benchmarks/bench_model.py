@@ -7,7 +7,7 @@
 2. Decoding with a KV cache, 32-token prompt + 128 new tokens, batch 1 and 8: HF generate, our
    generate eager, and our generate(compile=True) (target: >= 3x HF; the compile is timed apart).
 
-    python benchmarks/bench_model.py [--steps 5] [--rounds 3]
+    python benchmarks/bench_model.py [--steps 5] [--rounds 3] [--decode-rounds 5]
 """
 import argparse
 import importlib
@@ -56,7 +56,9 @@ def decode_tokens_per_s(generate, batch, prompt_len=32, new=128):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5, help="training steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best of each is reported")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved training rounds; the best of each is reported")
+    parser.add_argument("--decode-rounds", type=int, default=5,
+                        help="interleaved decoding rounds (a second each), the best of each reported")
     args = parser.parse_args()
     torch.manual_seed(0)
     model_args = m.preset("tiny", max_seq_len=512)
@@ -91,7 +93,7 @@ def main():
     print(f"  (compiling the decode step for batch 1 and 8 took {time.perf_counter() - t0:.0f} s)")
     for batch in (1, 8):
         eager = compiled = h = 0.0
-        for _ in range(args.rounds):
+        for _ in range(args.decode_rounds):
             eager = max(eager, decode_tokens_per_s(lambda p, n: m.generate(ours, p.tolist(), n), batch))
             compiled = max(compiled, decode_tokens_per_s(lambda p, n: m.generate(ours, p.tolist(), n, compile=True), batch))
             with torch.no_grad():
