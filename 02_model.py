@@ -481,9 +481,10 @@ def compiled_decoder(model):
     calls them from C++ instead of Python. The first call compiles (~15-60 s on 2 cores). On CUDA
     the step is recorded as a CUDA graph, which removes the launch cost of every kernel.
     Frozen weights go stale if the model changes, so the result is cached on the model together with
-    each parameter's identity and version counter (bumped by every in-place update such as an
-    optimizer step or load_state_dict): any change compiles afresh."""
-    fingerprint = tuple((id(p), p._version) for p in model.parameters())
+    each parameter's identity, version counter (bumped by every in-place update such as an optimizer
+    step or load_state_dict) and storage address (new after model.to(dtype or device), which keeps
+    the parameter objects): any change compiles afresh. (Writes through p.data bump no counter.)"""
+    fingerprint = tuple((id(p), p._version, p.data_ptr()) for p in model.parameters())
     cached = getattr(model, "_compiled_decoder", None)
     if cached is None or cached[0] != fingerprint:
         device_type = model.tok_embeddings.weight.device.type

@@ -216,7 +216,10 @@ def test_compiled_decoder_is_rebuilt_when_the_weights_change():
     second = m.compiled_decoder(model)
     assert second is not first and m.compiled_decoder(model) is second
     model.load_state_dict(random_model(tiny(), seed=1).state_dict())
-    assert m.compiled_decoder(model) is not second
+    third = m.compiled_decoder(model)
+    assert third is not second
+    model.to(torch.float64)  # same parameter objects and version counters, new storage
+    assert m.compiled_decoder(model) is not third
 
 
 def test_compiled_generation_equals_eager_and_compiles_once_per_batch_size():
