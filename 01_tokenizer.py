@@ -168,9 +168,10 @@ def data_files(data):
 
 def iter_user_documents(data):
     """`--data PATH`: a .txt/.md file, a .jsonl file with a "text" field (and an optional "source"),
-    a .parquet file with a "text" column (needs pyarrow), or a folder of them (searched recursively). In a folder, each top-level subfolder is a source;
-    files directly inside it belong to a source named after the folder. Documents are read one at
-    a time, so a corpus larger than memory can stream through (03_pretrain.py tokenizes it so)."""
+    a .parquet file with a "text" column (needs pyarrow), or a folder of them (searched recursively).
+    In a folder, each top-level subfolder is a source; files directly inside it belong to a source
+    named after the folder. Documents are read one at a time, so a corpus larger than memory can
+    stream through (03_pretrain.py tokenizes it so)."""
     root = Path(data)
     for path in data_files(data):
         rel = path.relative_to(root) if root.is_dir() else Path(path.name)

@@ -699,23 +699,25 @@ def dataset_documents(name, cache, mirror=None, log=print):
     base = mirror.rstrip("/") + "/" if mirror else spec["base"]
     paths = [download(base + file, Path(cache) / name / file, log) for file in spec["files"]]
 
+    def stories(path):
+        """TinyStories: (index, text) of the stories between <|endoftext|> lines of one large file."""
+        with open(path, encoding="utf-8") as f:
+            story, index = [], 0
+            for line in chain(f, ["<|endoftext|>\n"]):  # the sentinel ends the last story too
+                if line.strip() != "<|endoftext|>":
+                    story.append(line)
+                    continue
+                if text := "".join(story).strip():
+                    yield index, text
+                story, index = [], index + 1
+
     def documents():
         for path in paths:
             if path.suffix == ".parquet":
                 yield from tok.iter_documents(path)
                 continue
-            # TinyStories: stories separated by <|endoftext|> lines in one large text file
-            story, index = [], 0
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip() == "<|endoftext|>":
-                        if "".join(story).strip():
-                            yield tok.Document(name, f"{name}/{path.stem}:{index}", "".join(story).strip())
-                        story, index = [], index + 1
-                    else:
-                        story.append(line)
-            if "".join(story).strip():
-                yield tok.Document(name, f"{name}/{path.stem}:{index}", "".join(story).strip())
+            for index, text in stories(path):
+                yield tok.Document(name, f"{name}/{path.stem}:{index}", text)
     return documents
 
 

@@ -130,8 +130,7 @@ def read_number(text):
 
 
 def greedy_answers(model, prompts):
-    with torch.no_grad():
-        return mdl.generate(model, prompts, max_new_tokens=ANSWER_ROOM)
+    return mdl.generate(model, prompts, max_new_tokens=ANSWER_ROOM)  # generate runs without autograd
 
 
 def niah_accuracy(model, tokenizer, filler, lengths, depths, trials, seed=0, answer=greedy_answers):

@@ -196,7 +196,8 @@ def anneal_weights(train, upsample):
     base = pre.mix_weights(train, "paper")
     factors = dict(upsample)
     raw = {s: w * factors.get(pre.category_of(s), 1.0) for s, w in base.items()}
-    return {s: w / sum(raw.values()) for s, w in raw.items()}
+    total = sum(raw.values())
+    return {s: w / total for s, w in raw.items()}
 
 
 def probe_source(train, tokenizer, tokenizer_path, probe, folder, log):
@@ -351,7 +352,8 @@ def run_probe(args, cfg, train, val, device, out):
     tokenizer = tok.Tokenizer.load(tokenizer_path)
     train, source = probe_source(train, tokenizer, tokenizer_path, args.probe, out / "probe_data", print)
     base = {s: w for s, w in pre.mix_weights(train, "paper").items() if s != source}
-    base = {s: w / sum(base.values()) for s, w in base.items()}
+    total = sum(base.values())
+    base = {s: w / total for s, w in base.items()}
     candidate = {**{s: 0.7 * w for s, w in base.items()}, source: 0.3}
     seq_len = mdl.load_checkpoint(ckpt_path)[1].max_seq_len  # memory-mapped: only the args are read
     math_items, completion_items = benchmarks(train, val, tokenizer, cfg, list(candidate), print)
