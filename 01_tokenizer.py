@@ -21,17 +21,21 @@ The real Llama 3 tokenizer file loads with `Tokenizer.load(path)` and gives Meta
 
 import argparse
 import base64
+import functools
 import hashlib
 import heapq
 import importlib.util
 import json
 import os
+import random
 import re
 import sys
 import sysconfig
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import regex  # installed with tiktoken; the stdlib `re` has no \p{L} classes
@@ -123,6 +127,62 @@ DEFAULT_SOURCES = {
 }
 
 
+# Synthetic math: a source of its own, added by 03 to the default corpus (Llama 3 §3.1.2 upsamples
+# math and reasoning); 05 builds its GSM8K-like benchmark from the same generator with other seeds.
+
+_NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Femi", "Grace", "Hiro", "Ines", "Jonah", "Kira", "Liam"]
+_ITEMS = ["apples", "marbles", "stickers", "books", "coins", "shells", "pencils", "cards"]
+
+
+def math_problem(rng):
+    """One grade-school problem with a worked answer that ends "The answer is N." (GSM8K-like)."""
+    name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
+    kind = rng.randrange(6)
+    if kind == 0:
+        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", a + b
+    if kind == 1:
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        return f"What is {a} times {b}?", f"{a} x {b} = {a * b}.", a * b
+    if kind == 2:
+        a, b, c = rng.randint(5, 60), rng.randint(5, 60), rng.randint(1, 5)
+        c = min(c, a + b)
+        return (f"{name} has {a} {items}. {name} gets {b} more and gives {c} away. How many {items} are left?",
+                f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}.", a + b - c)
+    if kind == 3:
+        n, p = rng.randint(2, 12), rng.randint(2, 15)
+        paid = n * p + rng.randint(1, 20)
+        return (f"A pen costs ${p}. {name} buys {n} pens and pays with ${paid}. How much change does {name} get?",
+                f"{n} x {p} = {n * p}. {paid} - {n * p} = {paid - n * p}.", paid - n * p)
+    if kind == 4:
+        per_day, days = rng.randint(5, 40), rng.randint(2, 9)
+        total = per_day * days + rng.randint(0, 200)
+        return (f"A book has {total} pages. {name} reads {per_day} pages a day for {days} days. "
+                f"How many pages are left?",
+                f"{per_day} x {days} = {per_day * days}. {total} - {per_day * days} = {total - per_day * days}.",
+                total - per_day * days)
+    groups, size = rng.randint(2, 12), rng.randint(2, 12)
+    return (f"{groups * size} {items} are shared equally among {groups} friends. How many does each friend get?",
+            f"{groups * size} / {groups} = {size}.", size)
+
+
+def math_problems(n, seed):
+    """`n` problems as (question, worked answer, number); the same seed always gives the same ones."""
+    rng = random.Random(seed)
+    return [math_problem(rng) for _ in range(n)]
+
+
+def format_problem(question, working, answer):
+    return f"Question: {question}\nAnswer: {working} The answer is {answer}.\n"
+
+
+def math_documents(n_problems, seed=0, per_document=25):
+    """Synthetic math as documents of `per_document` problems, source "synthetic_math"."""
+    problems = [format_problem(*p) for p in math_problems(n_problems, seed)]
+    return [Document("synthetic_math", f"synthetic_math/{seed}/{i}", "\n".join(problems[i:i + per_document]))
+            for i in range(0, len(problems), per_document)]
+
+
 def _read_utf8(path):
     try:
         return path.read_text(encoding="utf-8")
@@ -166,6 +226,18 @@ def data_files(data):
     raise ValueError(f"--data {data}: expected a {', '.join(TEXT_SUFFIXES)} file or a folder of them")
 
 
+def data_fingerprint(data):
+    """A short hash of the path, size and modification time of every text file under --data:
+    editing, adding or removing a file changes it, so shards cached from the old files are rebuilt
+    (a cheap stand-in for hashing the contents, which for a big corpus would take minutes)."""
+    root = Path(data)
+    digest = hashlib.sha256()
+    for f in data_files(data):
+        stat = f.stat()
+        digest.update(f"{f.relative_to(root) if root.is_dir() else f.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def iter_user_documents(data):
     """`--data PATH`: a .txt/.md file, a .jsonl file with a "text" field (and an optional "source"),
     a .parquet file with a "text" column (needs pyarrow), or a folder of them (searched recursively).
@@ -199,6 +271,87 @@ def iter_user_documents(data):
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{lineno}: \"text\" must be a string, got {type(text).__name__}")
                 yield Document(str(record.get("source", source)), f"{name}:{lineno}", text)
+
+
+# Public pretraining corpora, downloaded once (resumable) and cached: 03's --dataset
+
+DATASETS = {
+    "tinystories": {"base": "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/",
+                    "files": ["TinyStoriesV2-GPT4-valid.txt", "TinyStoriesV2-GPT4-train.txt"],
+                    "about": "2.7 M short stories written by GPT-4 for 3-4 year olds (CDLA-Sharing-1.0), 2.2 GB"},
+    "fineweb-edu": {"base": "https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/",
+                    "files": ["000_00000.parquet", "001_00000.parquet"],
+                    "about": "educational web pages filtered by a Llama 3 70B-labelled classifier (ODC-By), "
+                             "2 of the 10B-token sample's shards, ~4 GB; needs pyarrow"},
+}
+
+
+def download(url, dest, log=print):
+    """Fetch `url` to `dest` over HTTP(S), resuming a broken download from `dest`.part with a Range
+    request, showing progress. An existing `dest` is reused."""
+    dest = Path(dest)
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        if have and response.status != 206:
+            have = 0  # the server ignored the Range header: start over
+        total = have + int(response.headers.get("Content-Length", 0))
+        with open(part, "ab" if have else "wb") as f:
+            done, t0 = have, time.time()
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                if total:
+                    rate = (done - have) / max(time.time() - t0, 1e-9) / 2**20
+                    log(f"\r  {dest.name}: {done / 2**20:,.0f} / {total / 2**20:,.0f} MiB ({rate:.1f} MiB/s)", end="")
+        log("")
+    if total and part.stat().st_size != total:
+        raise IOError(f"{url}: got {part.stat().st_size} of {total} bytes; run again to resume")
+    os.replace(part, dest)
+    return dest
+
+
+def download_dataset(name, cache, mirror=None, log=print):
+    """Download a public corpus (once) into `cache`/`name`/ and return its local files. `mirror`
+    replaces the base URL (a local copy, or a test server)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown --dataset {name!r}; available: {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    log(f"dataset {name}: {spec['about']}")
+    base = mirror.rstrip("/") + "/" if mirror else spec["base"]
+    return [download(base + file, Path(cache) / name / file, log) for file in spec["files"]]
+
+
+def tinystories(path):
+    """(index, text) of the stories between <|endoftext|> lines of one large TinyStories file."""
+    with open(path, encoding="utf-8") as f:
+        story, index = [], 0
+        for line in chain(f, ["<|endoftext|>\n"]):  # the sentinel ends the last story too
+            if line.strip() != "<|endoftext|>":
+                story.append(line)
+                continue
+            if text := "".join(story).strip():
+                yield index, text
+            story, index = [], index + 1
+
+
+def stream_dataset(name, paths):
+    """The documents of a downloaded corpus, one at a time."""
+    for path in paths:
+        if path.suffix == ".parquet":
+            yield from iter_documents(path)
+            continue
+        for index, text in tinystories(path):
+            yield Document(name, f"{name}/{path.stem}:{index}", text)
+
+
+def dataset_documents(name, cache, mirror=None, log=print):
+    """Download a public corpus (once) and return a function that streams its documents."""
+    return functools.partial(stream_dataset, name, download_dataset(name, cache, mirror, log))
 
 
 def iter_documents(data=None, sources=None):
@@ -306,20 +459,8 @@ def train_bpe(texts, n_bpe, on_merge=None):
     """
     if n_bpe < 256:
         raise ValueError(f"n_bpe={n_bpe}: a byte-level BPE needs at least the 256 single bytes")
-    pattern = regex.compile(PAT_STR)
-    chunk_counts = Counter()
-    for text in texts:
-        chunk_counts.update(pattern.findall(text))
-
-    # words[i]: the current tokens of unique chunk i; freqs[i]: how often the chunk occurs
-    words, freqs = [], []
-    for chunk, count in chunk_counts.items():
-        ids = list(chunk.encode("utf-8"))
-        if len(ids) > 1:  # a single byte has no pairs to merge
-            words.append(ids)
-            freqs.append(count)
-    pair_counts = defaultdict(int)
-    where = defaultdict(set)
+    words, freqs = unique_chunks(texts)
+    pair_counts, where = defaultdict(int), defaultdict(set)
     for i, (word, freq) in enumerate(zip(words, freqs)):
         for pair in zip(word, word[1:]):
             pair_counts[pair] += freq
@@ -344,35 +485,64 @@ def train_bpe(texts, n_bpe, on_merge=None):
             id_of[merged] = new_id
             if on_merge:
                 on_merge(new_id, vocab[left], vocab[right], -neg_count)
-        changed = set()
-        for i in where.pop(pair):
-            word, freq = words[i], freqs[i]
-            out, j = [], 0
-            while j < len(word):  # replace each (left, right), scanning left to right
-                if j + 1 < len(word) and word[j] == left and word[j + 1] == right:
-                    out.append(new_id)
-                    j += 2
-                else:
-                    out.append(word[j])
-                    j += 1
-            if len(out) == len(word):
-                continue  # stale `where` entry: an earlier merge already consumed this pair
-            for p in zip(word, word[1:]):  # retract the chunk's old pairs, then add its new ones
-                pair_counts[p] -= freq
-                changed.add(p)
-            for p in zip(out, out[1:]):
-                pair_counts[p] += freq
-                changed.add(p)
-                where[p].add(i)
-            words[i] = out
-        pair_counts.pop(pair, None)
-        changed.discard(pair)
+        changed = apply_merge(pair, new_id, words, freqs, pair_counts, where)
         for p in changed:
             if pair_counts[p] > 0:
                 heapq.heappush(heap, (-pair_counts[p], p))
             else:
                 del pair_counts[p]
     return {token: rank for rank, token in enumerate(vocab)}
+
+
+def unique_chunks(texts):
+    """Pre-tokenize: every distinct chunk of the texts as a list of byte values, with its count.
+    Single-byte chunks are left out (they have no pair to merge)."""
+    pattern = regex.compile(PAT_STR)
+    chunk_counts = Counter()
+    for text in texts:
+        chunk_counts.update(pattern.findall(text))
+    words, freqs = [], []
+    for chunk, count in chunk_counts.items():
+        ids = list(chunk.encode("utf-8"))
+        if len(ids) > 1:
+            words.append(ids)
+            freqs.append(count)
+    return words, freqs
+
+
+def merge_pair(word, left, right, new_id):
+    """`word` with each occurrence of (left, right), scanning left to right, replaced by new_id."""
+    out, j = [], 0
+    while j < len(word):
+        if j + 1 < len(word) and word[j] == left and word[j + 1] == right:
+            out.append(new_id)
+            j += 2
+        else:
+            out.append(word[j])
+            j += 1
+    return out
+
+
+def apply_merge(pair, new_id, words, freqs, pair_counts, where):
+    """Merge `pair` in every chunk that contains it, updating the pair counts of those chunks only.
+    Returns the pairs whose counts changed (the merged pair itself is retired)."""
+    changed = set()
+    for i in where.pop(pair):
+        word, freq = words[i], freqs[i]
+        out = merge_pair(word, *pair, new_id)
+        if len(out) == len(word):
+            continue  # stale `where` entry: an earlier merge already consumed this pair
+        for p in zip(word, word[1:]):  # retract the chunk's old pairs, then add its new ones
+            pair_counts[p] -= freq
+            changed.add(p)
+        for p in zip(out, out[1:]):
+            pair_counts[p] += freq
+            changed.add(p)
+            where[p].add(i)
+        words[i] = out
+    pair_counts.pop(pair, None)
+    changed.discard(pair)
+    return changed
 
 
 # -----------------------------------------------------------------------------

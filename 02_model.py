@@ -7,8 +7,9 @@ and RoPE with θ = 500,000. Llama 3.1 adds a rescaling of RoPE frequencies for 1
 The parameter names are Meta's (`tok_embeddings`, `layers.N.attention.wq`, `feed_forward.w1`, ...),
 so Meta checkpoints load with a plain `load_state_dict`, and Hugging Face ones through one small map.
 
-The file reads bottom-up: ModelArgs -> RMSNorm -> RoPE -> attention (SDPA, explicit math, flex) ->
-FeedForward -> TransformerBlock -> Transformer -> KV cache and generation -> checkpoints -> main.
+The file reads bottom-up: ModelArgs -> RMSNorm -> RoPE -> attention (the explicit math, and the
+same through SDPA or flex kernels) -> FeedForward -> TransformerBlock -> Transformer -> KV cache and
+generation -> checkpoints -> main; then, under its own heading, optional fast (compiled) decoding.
 Shapes: B batch, T tokens, D model dim, H query heads, Hkv key/value heads, Dh head dim, V vocab.
 
 Run it:
@@ -184,6 +185,40 @@ def attention_mask(q_doc, k_doc, q_pos, k_pos):
     return (same_doc & causal)[:, None]  # (B, 1, Tq, Tk): one mask for all heads
 
 
+def attention_math(q, k, v, mask=None):
+    """The definition, for teaching: softmax(Q·Kᵀ/√Dh + mask)·V with the softmax in float32.
+    q (B, H, T, Dh); k, v (B, Hkv, Tk, Dh); mask None (causal) or boolean (B, 1, T, Tk)."""
+    T, Tk, head_dim = q.shape[2], k.shape[2], q.shape[3]
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, Tk, Dh)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)  # (B, H, T, Tk)
+    if mask is None:  # causal; with a cache the T queries are the last T of the Tk keys
+        mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(Tk - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    # a row with no key to attend to (padding) gives NaN from softmax; it contributes nothing
+    return F.softmax(scores.float(), dim=-1).nan_to_num(0.0).type_as(q) @ v  # (B, H, T, Dh)
+
+
+def attention_fast(q, k, v, mask=None, decoding=False):
+    """The same result through fused kernels, picked by hardware and mask:
+      * no mask: SDPA with is_causal, free to pick the flash kernel (it shares KV heads itself);
+      * a dense boolean mask: SDPA with the mask (the memory-efficient or C++ kernel); on CUDA that
+        kernel takes a mask but not enable_gqa, so KV heads are repeated there;
+      * a flex BlockMask (CUDA document masks): flex_attention, which skips fully masked blocks;
+      * a compiled decode step on CPU (compiled_decoder): the explicit math, which inductor fuses
+        into its own loops, where SDPA would stay an opaque call and measured slower."""
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        return _flex_attention(q.device.type)(q, k, v, block_mask=mask, enable_gqa=True)
+    if decoding and q.device.type == "cpu" and torch.compiler.is_compiling():
+        return attention_math(q, k, v, mask)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if q.device.type == "cuda":
+        n_rep = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
 @torch.compiler.disable  # built outside the model's compiled graph, as torchtitan does
 def flex_document_mask(doc_ids):
     """A flex_attention BlockMask for causal attention within documents. It skips the blocks that
@@ -228,30 +263,10 @@ class Attention(nn.Module):
         if layer_cache is not None:
             cache, layer = layer_cache
             k, v = cache.update(layer, k, v)  # (B, Hkv, L, Dh): every slot of the cache
-        n_rep = self.n_heads // self.n_kv_heads
-        # A compiled decode step on CPU (compiled_decoder) takes the math path too: inductor fuses
-        # its few small ops into its own loops, where SDPA would stay an opaque call (~15% slower).
-        compiled_cpu_decode = layer_cache is not None and x.device.type == "cpu" and torch.compiler.is_compiling()
-
-        if self.attn_impl == "math" or compiled_cpu_decode:
-            # The definition, for teaching: softmax(Q·Kᵀ/√Dh + mask)·V, softmax in float32.
-            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, Tk, Dh)
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, Tk)
-            if mask is None:
-                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
-            scores = scores.masked_fill(~mask, float("-inf"))
-            out = F.softmax(scores.float(), dim=-1).nan_to_num(0.0).type_as(q) @ v  # (B, H, T, Dh)
-        elif self.attn_impl == "flex" and mask is not None and not isinstance(mask, torch.Tensor):
-            out = _flex_attention(x.device.type)(q, k, v, block_mask=mask, enable_gqa=True)  # (B, H, T, Dh)
-        elif mask is None:
-            # No mask tensor: SDPA may pick the flash kernel, which shares KV heads (GQA) for free.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if self.attn_impl == "math":
+            out = attention_math(q, k, v, mask)  # (B, H, T, Dh)
         else:
-            # A dense mask costs memory (B·T² booleans) and rules out the flash kernel. On CUDA the
-            # memory-efficient kernel takes the mask but not enable_gqa, so repeat KV heads there.
-            if x.device.type == "cuda":
-                k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=x.device.type != "cuda")
+            out = attention_fast(q, k, v, mask, decoding=layer_cache is not None)  # (B, H, T, Dh)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H·Dh) -> (B, T, D)
 
 
@@ -446,78 +461,9 @@ def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
 
 def decode_step(model, tokens, doc_ids, cache):
     """One generation step: the logits of each row's last position (B, V) and their argmax (B,),
-    the greedy pick. The argmax lives here so that compiled_decoder fuses it into the compiled step:
-    eager argmax over a (8, 8192) batch takes ~55 µs on this CPU, a compiled one a few."""
+    the greedy pick. The argmax lives here so that compiled_decoder fuses it into the compiled step."""
     logits = model(tokens, doc_ids=doc_ids, cache=cache, last_only=True)[:, -1]  # (B, V)
     return logits, logits.argmax(-1)
-
-
-def _inductor_options(device_type, batch):
-    """Inductor settings for compiled_decoder, read while it compiles a step for this batch size."""
-    if device_type == "cuda":
-        return {"triton.cudagraphs": True}
-    if device_type != "cpu":
-        return {}
-    options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-               "cpp.enable_concat_linear": True, "cpp_wrapper": True,
-               "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
-    if batch <= 8:
-        # Each GEMM of a decode step has `batch` rows. Inductor's C++ GEMM splits K so that a block of
-        # weights stays in L1 while it serves several register blocks of rows; up to 8 rows fill one
-        # AVX-512 register block, so every weight is used once, and the split only adds partial sums
-        # to write and re-read. Blocks of (1, 1, all of K) register blocks: ~7% faster at batch 8.
-        options["cpp.gemm_cache_blocking"] = f"1,1,{2 ** 20}"  # capped at K by inductor
-    return options
-
-
-def compiled_decoder(model):
-    """decode_step(model, ...) compiled for one-token steps (gpt-fast's recipe), built once per model.
-
-    A decode step of a small model is ~30 small matrix products and a few hundred tiny element-wise
-    ops; eager PyTorch spends most of it in per-op dispatch and in MKL calls tuned for big matrices.
-    On CPU inductor freezes the weights (treats them as constants: pre-packed, and wq|wk|wv and
-    w1|w3 concatenated into one GEMM each), fuses the element-wise ops into a few C++ loops, and with
-    max_autotune times its own C++ GEMM kernels for these exact shapes against MKL; cpp_wrapper
-    calls them from C++ instead of Python. The first call compiles (~15-60 s on 2 cores). On CUDA
-    the step is recorded as a CUDA graph, which removes the launch cost of every kernel.
-    Frozen weights go stale if the model changes, so the result is cached on the model together with
-    each parameter's identity, version counter (bumped by every in-place update such as an optimizer
-    step or load_state_dict) and storage address (new after model.to(dtype or device), which keeps
-    the parameter objects): any change compiles afresh. (Writes through p.data bump no counter.)"""
-    fingerprint = tuple((id(p), p._version, p.data_ptr()) for p in model.parameters())
-    cached = getattr(model, "_compiled_decoder", None)
-    if cached is None or cached[0] != fingerprint:
-        device_type = model.tok_embeddings.weight.device.type
-        compiled = torch.compile(functools.partial(decode_step, model), fullgraph=True, dynamic=False)
-        shapes_compiled = set()
-
-        def step(tokens, doc_ids, cache):
-            shape = (tuple(tokens.shape), cache.shape)
-            if shape in shapes_compiled:  # compiled already: skip the options (~50 µs a step to set)
-                return compiled(tokens, doc_ids, cache)
-            with torch._inductor.config.patch(_inductor_options(device_type, batch=tokens.shape[0])):
-                try:
-                    out = compiled(tokens, doc_ids, cache)
-                except torch._dynamo.exc.BackendCompilerFailed as e:
-                    raise RuntimeError(f"compiling the decode step failed on {device_type} (inductor needs a C++ "
-                                       f"compiler on CPU, Triton on CUDA): {str(e).splitlines()[0]}\n"
-                                       f"Generate without compile (drop --compile) instead.") from e
-            shapes_compiled.add(shape)
-            return out
-        cached = (fingerprint, step)
-        model._compiled_decoder = cached
-    return cached[1]
-
-
-def cache_slots_for_compile(n):
-    """n rounded up to 128, 192, 256, 384, 512, 768, ...: two sizes per doubling. Each size is one
-    compile of the decode step; attention reads every slot, so sizes a power of two apart would
-    leave up to half of them empty (for a 160-position generation at batch 8, a step over 256 slots
-    measured 2-6% slower than over 192)."""
-    size = 128
-    while size < n:
-        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3  # 128 -> 192 -> 256 -> 384
-    return size
 
 
 @torch.no_grad()
@@ -528,9 +474,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
     Prompts are left-padded into one batch; the padding is a document of its own (doc id -1) so
     no real token attends to it. Because RoPE only sees relative positions, the shift that
     left-padding gives a shorter prompt changes nothing. One prefill pass fills the KV cache, then
-    each step feeds one token per row. compile=True runs those steps through compiled_decoder:
-    ~7x faster than eager at batch 1 and ~3x at batch 8 on 2 CPU cores, after a compile of ~15-60 s
-    for each new batch size and cache size (cache_slots_for_compile rounds lengths up so that a few
+    each step feeds one token per row. compile=True runs those steps through compiled_decoder (see
+    "Optional: fast decoding" at the end of this file): several times faster after a compile for
+    each new batch size and cache size (cache_slots_for_compile rounds lengths up so that a few
     compiles serve all)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -553,8 +499,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
     stop, finished, new = set(stop_tokens), [False] * B, [[] for _ in prompts]
     for _ in range(max_new_tokens):
         next_ids = greedy if temperature <= 0 else sample_next(logits, temperature, top_p, generator)  # (B,)
-        # Bookkeeping on Python ints: right after a compiled CPU step each tiny tensor op measured
-        # 10-25 µs (1-5 µs in a tight loop), so five of them cost ~3% of a batch-8 step.
+        # Bookkeeping on Python ints: after a compiled step, every tiny tensor op would cost more
+        # than its arithmetic (README, "Decoding, measured").
         for row, token in enumerate(next_ids.tolist()):
             finished[row] = finished[row] or token in stop
             if not finished[row]:
@@ -579,9 +525,11 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def save_checkpoint(path, model, **extra):
-    """A plain dict: the Meta-named state dict, args as a dict, plus `extra` (e.g. step)."""
-    atomic_save({"model": model.state_dict(), "args": asdict(model.args), **extra}, path)
+def save_checkpoint(path, model, state_dict=None, args=None, **extra):
+    """A plain dict: the Meta-named state dict, the model's args as a dict, plus `extra` (step, ...).
+    `state_dict` replaces model.state_dict() (e.g. one gathered from FSDP shards), `args` its args."""
+    atomic_save({"model": model.state_dict() if state_dict is None else state_dict,
+                 "args": asdict(args or model.args), **extra}, path)
 
 
 def _check_state_dict(model, state_dict, origin):
@@ -775,6 +723,19 @@ def export_hf(model, folder):
 # The command line
 
 
+def pick_device(name="auto"):
+    """--device: "auto" picks CUDA, then Apple's MPS, then the CPU; a named device must exist."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise ValueError(f"--device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to PyTorch (is the CUDA build installed?)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: Apple's MPS backend is not available here")
+    return name
+
+
 def architecture_table():
     """Llama 3 §3.2 Table 3, for every preset, plus what each costs."""
     rows = [f"{'preset':<14} {'params':>9} {'layers':>6} {'dim':>6} {'FFN':>6} {'heads':>5} {'KV':>3} "
@@ -797,48 +758,127 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the Llama 3 chat format")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step (compiled_decoder): slower start, faster tokens")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-
-    if args.ckpt is None:
-        print("Llama 3 §3.2 Table 3 (KV cache in bf16 per sequence; GQA divides it by heads/KV heads)\n")
-        print(architecture_table())
-        tokenizer_path = Path(args.tokenizer or "runs/01_tokenizer/tokenizer.model")
-        tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path.is_file() else None
-        model_args = preset("tiny", vocab_size=tokenizer.n_words if tokenizer else 8192)
-        model = Transformer(model_args).to(device).eval()
-        print(f"\na random tiny model ({count_params(model_args) / 1e6:.1f} M parameters) continues {args.prompt!r}:")
-    else:
-        model, model_args = load_checkpoint(args.ckpt)
-        model = model.to(device).eval()
-        folder = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
-        candidates = [Path(args.tokenizer)] if args.tokenizer else [folder / "tokenizer.model", folder / "original" / "tokenizer.model"]
-        tokenizer_path = next((p for p in candidates if p.is_file()), None)
-        if tokenizer_path is None:
-            raise FileNotFoundError(f"no tokenizer.model in {folder}: pass --tokenizer PATH")
-        tokenizer = Tokenizer.load(tokenizer_path)
-        print(f"loaded {args.ckpt}: {count_params(model_args) / 1e9:.2f} B parameters")
+    flags = parser.parse_args(argv)
+    torch.manual_seed(flags.seed)
+    device = pick_device(flags.device)
+    model, tokenizer = model_and_tokenizer(flags.ckpt, flags.tokenizer, flags.prompt, device)
 
     if tokenizer is None:
         print("(no tokenizer yet: run python 01_tokenizer.py to see text; showing ids)")
         prompt_ids, stop = [1, 2, 3], ()
     else:
-        prompt_ids = (tokenizer.encode_dialog([{"role": "user", "content": args.prompt}]) if args.chat
-                      else tokenizer.encode(args.prompt, bos=True))
+        prompt_ids = (tokenizer.encode_dialog([{"role": "user", "content": flags.prompt}]) if flags.chat
+                      else tokenizer.encode(flags.prompt, bos=True))
         stop = tokenizer.stop_tokens
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(flags.seed)
     t0 = time.time()
-    new = generate(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_p, stop, generator,
-                   compile=args.compile)[0]
+    new = generate(model, [prompt_ids], flags.max_new_tokens, flags.temperature, flags.top_p, stop, generator,
+                   compile=flags.compile)[0]
     seconds = time.time() - t0
     print(tokenizer.decode(new) if tokenizer else new)
-    note = ", including compiling the decode step" if args.compile else ""
+    note = ", including compiling the decode step" if flags.compile else ""
     print(f"({len(new)} tokens in {seconds:.2f} s{note}, {len(new) / max(seconds, 1e-9):.0f} tokens/s on {device})")
+
+
+def model_and_tokenizer(ckpt, tokenizer_path, prompt, device):
+    """The checkpoint and its tokenizer; without a checkpoint, Table 3 and a random tiny model (with
+    01's tokenizer if there is one yet, else None)."""
+    if ckpt is None:
+        print("Llama 3 §3.2 Table 3 (KV cache in bf16 per sequence; GQA divides it by heads/KV heads)\n")
+        print(architecture_table())
+        path = Path(tokenizer_path or "runs/01_tokenizer/tokenizer.model")
+        tokenizer = Tokenizer.load(path) if path.is_file() else None
+        model_args = preset("tiny", vocab_size=tokenizer.n_words if tokenizer else 8192)
+        print(f"\na random tiny model ({count_params(model_args) / 1e6:.1f} M parameters) continues {prompt!r}:")
+        return Transformer(model_args).to(device).eval(), tokenizer
+    model, model_args = load_checkpoint(ckpt)
+    folder = Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent
+    candidates = [Path(tokenizer_path)] if tokenizer_path else [folder / "tokenizer.model",
+                                                                folder / "original" / "tokenizer.model"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"no tokenizer.model in {folder}: pass --tokenizer PATH")
+    print(f"loaded {ckpt}: {count_params(model_args) / 1e9:.2f} B parameters")
+    return model.to(device).eval(), Tokenizer.load(path)
+
+
+# -----------------------------------------------------------------------------
+# Optional: fast decoding. A compiled decode step (gpt-fast's recipe): read this after the rest.
+
+
+class CompiledDecoder:
+    """decode_step(model, ...) compiled for one-token steps (gpt-fast's recipe).
+
+    A decode step of a small model is ~30 small matrix products and a few hundred tiny element-wise
+    ops; eager PyTorch spends most of it in per-op dispatch and in MKL calls tuned for big matrices.
+    On CPU inductor freezes the weights (treats them as constants: pre-packed, and wq|wk|wv and
+    w1|w3 concatenated into one GEMM each), fuses the element-wise ops into a few C++ loops, and with
+    max_autotune times its own C++ GEMM kernels for these exact shapes against MKL; cpp_wrapper
+    calls them from C++ instead of Python. The first call for a shape compiles (15-60 s on 2 cores).
+    On CUDA the step is recorded as a CUDA graph, which removes the launch cost of every kernel."""
+
+    def __init__(self, model):
+        self.device_type = model.tok_embeddings.weight.device.type
+        self.compiled = torch.compile(functools.partial(decode_step, model), fullgraph=True, dynamic=False)
+        self.shapes_compiled = set()
+
+    def __call__(self, tokens, doc_ids, cache):
+        shape = (tuple(tokens.shape), cache.shape)
+        if shape in self.shapes_compiled:  # compiled already: the options below are only read while compiling
+            return self.compiled(tokens, doc_ids, cache)
+        with torch._inductor.config.patch(self.inductor_options(batch=tokens.shape[0])):
+            try:
+                out = self.compiled(tokens, doc_ids, cache)
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                raise RuntimeError(f"compiling the decode step failed on {self.device_type} (inductor needs a C++ "
+                                   f"compiler on CPU, Triton on CUDA): {str(e).splitlines()[0]}\n"
+                                   f"Generate without compile (drop --compile) instead.") from e
+        self.shapes_compiled.add(shape)
+        return out
+
+    def inductor_options(self, batch):
+        if self.device_type == "cuda":
+            return {"triton.cudagraphs": True}
+        if self.device_type != "cpu":
+            return {}
+        options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                   "cpp.enable_concat_linear": True, "cpp_wrapper": True,
+                   "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+        if batch <= 8:
+            # Each GEMM of a decode step has `batch` rows. Inductor's C++ GEMM splits K so that a block
+            # of weights stays in L1 while it serves several register blocks of rows; up to 8 rows fill
+            # one AVX-512 register block, so every weight is used once and the split only adds partial
+            # sums to write and re-read: take all of K in one block instead.
+            options["cpp.gemm_cache_blocking"] = f"1,1,{2 ** 20}"  # capped at K by inductor
+        return options
+
+
+def compiled_decoder(model):
+    """The model's CompiledDecoder, built once and kept on the model. Frozen weights go stale if the
+    model changes, so it is cached together with each parameter's identity, version counter (bumped
+    by every in-place update such as an optimizer step or load_state_dict) and storage address (new
+    after model.to(dtype or device), which keeps the parameter objects): any change compiles afresh.
+    (Writes through p.data bump no counter.)"""
+    fingerprint = tuple((id(p), p._version, p.data_ptr()) for p in model.parameters())
+    cached = getattr(model, "_compiled_decoder", None)
+    if cached is None or cached[0] != fingerprint:
+        cached = (fingerprint, CompiledDecoder(model))
+        model._compiled_decoder = cached
+    return cached[1]
+
+
+def cache_slots_for_compile(n):
+    """n rounded up to 128, 192, 256, 384, 512, 768, ...: two sizes per doubling. Each size is one
+    compile of the decode step; attention reads every slot, so sizes a power of two apart would
+    leave up to half of them empty."""
+    size = 128
+    while size < n:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3  # 128 -> 192 -> 256 -> 384
+    return size
 
 
 if __name__ == "__main__":

@@ -2,20 +2,24 @@
 Chapter 3: pretraining, from a laptop CPU to FSDP on many GPUs.
 
 Llama 3 §3.4.1 trains with AdamW, a linear warmup then cosine decay to 1% of the peak learning
-rate, and a batch that grows 4M -> 8M -> 16M tokens; §3.3 shards the model with FSDP and keeps
-gradient reductions in fp32. This script does the same at any size:
+rate, and a batch that grows 4M -> 8M -> 16M tokens; §3.1 curates and mixes the data first; §3.3
+shards the model with FSDP and keeps gradient reductions in fp32. This file has three parts:
 
-  data     documents (+ synthetic math) -> curation (§3.1.1: heuristic filters, line, near- and
-           semantic de-duplication, a safety filter, a quality classifier) -> 01's tokenizer ->
-           memory-mapped token shards per source and split, each document wrapped in
-           <|begin_of_text|> ... <|end_of_text|>. Rows of seq_len tokens are cut at random places, so
-           they pack several documents, and the model's document mask keeps them apart (§3.2). The
-           paper's data mix (§3.1.2: 50% general, 25% math, 17% code, 8% multilingual) picks each
-           row's source.
-  train    AdamW, warmup + cosine, gradient clipping and accumulation to a batch counted in tokens,
-           optional batch ramp, bf16 + torch.compile on GPU, FSDP2 under torchrun.
-  outputs  runs/03_pretrain/: log.jsonl, loss.png, metrics.json, ckpt_NNNNNN.pt (atomic, last k kept,
-           resumable bit for bit), model.pt (the final model for the next chapter), tokenizer.model.
+  Part 1, the data (§3.1)   documents (01's sources + synthetic math) -> curation (§3.1.1: heuristic
+           filters, line, near- and semantic de-duplication, a safety filter, a quality classifier)
+           -> 01's tokenizer -> memory-mapped token shards per source and split, each document
+           wrapped in <|begin_of_text|> ... <|end_of_text|>. Rows of seq_len tokens are cut at
+           random places, so they pack several documents, and the model's document mask keeps them
+           apart (§3.2). The paper's data mix (§3.1.2: 50% general, 25% math, 17% code, 8%
+           multilingual) picks each row's source.
+  Part 2, training (§3.4.1)  TrainConfig, the schedule, AdamW, one training step (micro-batches,
+           clipping) that later chapters reuse with their own losses, evaluation, and the loop.
+           A reader can stop here: `main` follows and reads with Parts 1 and 2 alone.
+  Part 3, at scale (§3.3)    FSDP2 under torchrun, full-state checkpoints and resuming, the matmul
+           peak behind MFU, probing flex attention on CUDA, Ctrl-C handling.
+
+Outputs in runs/03_pretrain/: log.jsonl, loss.png, metrics.json, ckpt_NNNNNN.pt (atomic, last k
+kept, resumable bit for bit), model.pt (the final model for the next chapter), tokenizer.model.
 
 Run it:
     python 03_pretrain.py                               # CPU: tiny model, ~4 minutes; GPU: the gpu preset
@@ -27,21 +31,23 @@ Run it:
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
-import random
+import re
 import shutil
 import signal
 import sys
 import time
-import urllib.request
 from collections import Counter, defaultdict
-from itertools import chain
 from dataclasses import asdict, dataclass, fields, replace
+from itertools import chain
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import regex
@@ -53,106 +59,10 @@ tok = importlib.import_module("01_tokenizer")  # file names start with a digit
 mdl = importlib.import_module("02_model")
 Tokenizer, Transformer, ModelArgs = tok.Tokenizer, mdl.Transformer, mdl.ModelArgs
 
-# -----------------------------------------------------------------------------
-# Configuration
 
-
-@dataclass
-class TrainConfig:
-    model: str = "tiny"  # a 02_model preset
-    seq_len: int = 256
-    batch_tokens: int = 4096  # global batch per optimizer step, in tokens (all ranks, all micro-steps)
-    micro_batch: int = 16  # rows per forward pass on each process
-    steps: int = 150
-    lr: float = 2e-3  # peak; small models take larger rates (Llama 3 405B: 8e-5, 8B: 3e-4)
-    min_lr_ratio: float = 0.01  # §3.4.1: cosine decay to 8e-7 from a peak of 8e-5, i.e. 1%
-    warmup: int = 15  # §3.4.1: linear warmup (8,000 steps for 405B)
-    # The paper does not state AdamW's betas, eps, weight decay or clipping for Llama 3; these are
-    # Llama 2's (§2.2 of that paper): beta2 = 0.95, eps = 1e-5, weight decay 0.1, clip 1.0.
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-5
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    batch_ramp: bool = False  # §3.4.1: 1/4 of the batch for the first 1.6% of steps, 1/2 until 18.4%
-    doc_mask: bool = True  # §3.2 document mask inside packed rows
-    dtype: str = "float32"  # float32 or bfloat16 (autocast, or FSDP's param dtype)
-    compile: bool = False
-    eval_every: int = 50
-    eval_rows: int = 24  # validation rows per source
-    sample_every: int = 75
-    ckpt_every: int = 50
-    keep_last: int = 2
-    seed: int = 1337
-
-
-TRAIN_PRESETS = {
-    # 7 M parameters, 4,096 tokens per step: ~0.6 M tokens in about four minutes on 2 cores
-    "cpu": TrainConfig(),
-    # ~0.25 B parameters on one 80 GB GPU: 0.5M-token batches of 4K-token rows (16 micro-steps of 8
-    # rows; 2 on 8 GPUs), bf16, compiled. 0.5 B tokens in all: the offline corpus has ~25 M, so this
-    # repeats it ~20 times; pass --dataset fineweb-edu for web text.
-    "gpu": TrainConfig(model="gpu", seq_len=4096, batch_tokens=524_288, micro_batch=8, steps=1000, lr=6e-4,
-                       warmup=100, dtype="bfloat16", compile=True, eval_every=250, eval_rows=64, sample_every=500,
-                       ckpt_every=500),
-}
-
-
-# -----------------------------------------------------------------------------
-# Synthetic math: a source of its own (Llama 3 §3.1.2 upsamples math and reasoning)
-
-_NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Femi", "Grace", "Hiro", "Ines", "Jonah", "Kira", "Liam"]
-_ITEMS = ["apples", "marbles", "stickers", "books", "coins", "shells", "pencils", "cards"]
-
-
-def math_problem(rng):
-    """One grade-school problem with a worked answer that ends "The answer is N." (GSM8K-like)."""
-    name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
-    kind = rng.randrange(6)
-    if kind == 0:
-        a, b = rng.randint(10, 999), rng.randint(10, 999)
-        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", a + b
-    if kind == 1:
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
-        return f"What is {a} times {b}?", f"{a} x {b} = {a * b}.", a * b
-    if kind == 2:
-        a, b, c = rng.randint(5, 60), rng.randint(5, 60), rng.randint(1, 5)
-        c = min(c, a + b)
-        return (f"{name} has {a} {items}. {name} gets {b} more and gives {c} away. How many {items} are left?",
-                f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}.", a + b - c)
-    if kind == 3:
-        n, p = rng.randint(2, 12), rng.randint(2, 15)
-        paid = n * p + rng.randint(1, 20)
-        return (f"A pen costs ${p}. {name} buys {n} pens and pays with ${paid}. How much change does {name} get?",
-                f"{n} x {p} = {n * p}. {paid} - {n * p} = {paid - n * p}.", paid - n * p)
-    if kind == 4:
-        per_day, days = rng.randint(5, 40), rng.randint(2, 9)
-        total = per_day * days + rng.randint(0, 200)
-        return (f"A book has {total} pages. {name} reads {per_day} pages a day for {days} days. "
-                f"How many pages are left?",
-                f"{per_day} x {days} = {per_day * days}. {total} - {per_day * days} = {total - per_day * days}.",
-                total - per_day * days)
-    groups, size = rng.randint(2, 12), rng.randint(2, 12)
-    return (f"{groups * size} {items} are shared equally among {groups} friends. How many does each friend get?",
-            f"{groups * size} / {groups} = {size}.", size)
-
-
-def math_problems(n, seed):
-    """`n` problems as (question, worked answer, number); the same seed always gives the same ones."""
-    rng = random.Random(seed)
-    return [math_problem(rng) for _ in range(n)]
-
-
-def format_problem(question, working, answer):
-    return f"Question: {question}\nAnswer: {working} The answer is {answer}.\n"
-
-
-def math_documents(n_problems, seed=0, per_document=25):
-    """Synthetic math as documents of `per_document` problems, source "synthetic_math"."""
-    problems = [format_problem(*p) for p in math_problems(n_problems, seed)]
-    return [tok.Document("synthetic_math", f"synthetic_math/{seed}/{i}", "\n".join(problems[i:i + per_document]))
-            for i in range(0, len(problems), per_document)]
-
+# =============================================================================
+# Part 1: the data (Llama 3 §3.1)
+# =============================================================================
 
 # -----------------------------------------------------------------------------
 # Curation (Llama 3 §3.1.1): heuristics, line and document de-duplication, safety, quality
@@ -488,7 +398,7 @@ def curation_table(report):
 
 
 # -----------------------------------------------------------------------------
-# Data: token shards on disk, rows packed from them, a mix over sources
+# Token shards on disk, rows packed from them, a mix over sources
 
 SHARD_VERSION = 1
 
@@ -585,6 +495,14 @@ class TokenShards:
         return torch.from_numpy(tokens), torch.from_numpy(doc_ids)
 
 
+def normalised(weights):
+    """Weights scaled to sum to 1: the one place a mix is normalised."""
+    total = sum(weights.values())
+    if any(w < 0 for w in weights.values()) or total <= 0:
+        raise ValueError(f"mix weights must be >= 0 and sum to something positive, got {weights}")
+    return {s: w / total for s, w in weights.items()}
+
+
 def mix_weights(shards, mix="paper"):
     """Sampling weight per source. "paper" (the default): Llama 3 §3.1.2's category shares (~50%
     general knowledge, 25% math and reasoning, 17% code, 8% multilingual), renormalised over the
@@ -592,21 +510,16 @@ def mix_weights(shards, mix="paper"):
     source's share of the training tokens. Or a dict {source: weight}."""
     sizes = shards.sizes()
     if mix == "natural":
-        weights = {s: float(n) for s, n in sizes.items()}
-    elif mix == "paper":
-        present = {category_of(s) for s in sizes}
-        category_total = {c: sum(n for s, n in sizes.items() if category_of(s) == c) for c in present}
-        norm = sum(PAPER_MIX[c] for c in present)
-        weights = {s: PAPER_MIX[category_of(s)] / norm * n / category_total[category_of(s)] for s, n in sizes.items()}
-    else:
-        unknown = set(mix) - set(sizes)
-        if unknown:
-            raise ValueError(f"--mix names unknown sources {sorted(unknown)}; the data has {sorted(sizes)}")
-        weights = {s: float(mix.get(s, 0.0)) for s in sizes}
-        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ValueError(f"--mix weights must be >= 0 and sum to something positive, got {mix}")
-    total = sum(weights.values())
-    return {s: w / total for s, w in weights.items()}
+        return normalised({s: float(n) for s, n in sizes.items()})
+    if mix == "paper":
+        category_total = Counter()
+        for s, n in sizes.items():
+            category_total[category_of(s)] += n
+        return normalised({s: PAPER_MIX[category_of(s)] * n / category_total[category_of(s)] for s, n in sizes.items()})
+    unknown = set(mix) - set(sizes)
+    if unknown:
+        raise ValueError(f"--mix names unknown sources {sorted(unknown)}; the data has {sorted(sizes)}")
+    return normalised({s: float(mix.get(s, 0.0)) for s in sizes})
 
 
 def parse_mix(text):
@@ -647,82 +560,109 @@ def batch_for_step(shards, weights, cfg, step, rank, world, rows):
 
 
 # -----------------------------------------------------------------------------
-# Public pretraining corpora, downloaded once (resumable) and cached
+# The data, put together: documents -> curation -> shards -> the mix
 
-DATASETS = {
-    "tinystories": {"base": "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/",
-                    "files": ["TinyStoriesV2-GPT4-valid.txt", "TinyStoriesV2-GPT4-train.txt"],
-                    "about": "2.7 M short stories written by GPT-4 for 3-4 year olds (CDLA-Sharing-1.0), 2.2 GB"},
-    "fineweb-edu": {"base": "https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/",
-                    "files": ["000_00000.parquet", "001_00000.parquet"],
-                    "about": "educational web pages filtered by a Llama 3 70B-labelled classifier (ODC-By), "
-                             "2 of the 10B-token sample's shards, ~4 GB; needs pyarrow"},
+
+class Data(NamedTuple):
+    train: "TokenShards"
+    val: "TokenShards"
+    weights: dict  # sampling weight per training source, summing to 1
+
+
+def corpus_documents(flags, log=print):
+    """What --dataset / --data / the default corpus stand for: a function that streams the
+    documents, and a key that names them for the shard cache (01 holds every source)."""
+    if flags.dataset:
+        cache = Path(flags.out).parent / "datasets"
+        return tok.dataset_documents(flags.dataset, cache, flags.mirror, log), f"dataset:{flags.dataset}"
+    if flags.data is not None:
+        key = f"data:{Path(flags.data).resolve()} ({tok.data_fingerprint(flags.data)})"
+        return functools.partial(tok.iter_documents, flags.data), key
+    return tok.iter_documents, f"default corpus (Python {sys.version_info[0]}.{sys.version_info[1]})"
+
+
+def curated_documents(documents, n_math, curation, tokenizer, out, log=print):
+    """The documents plus `n_math` synthetic math problems; with `curation`, the training documents
+    curated. Validation stays raw, so curated and uncurated runs are measured on the same text."""
+    docs = chain(documents(), tok.math_documents(n_math))
+    if not curation:
+        return docs
+    docs = list(docs)
+    kept, report = curate([d for d in docs if not tok.is_held_out(d.name)], tokenizer, log)
+    log(curation_table(report))
+    (out / "curation.json").write_text(json.dumps({"steps": report}, indent=2))
+    return iter(kept + [d for d in docs if tok.is_held_out(d.name)])
+
+
+def prepare_data(flags, tokenizer, tokenizer_path, out, rank=0, world=1, log=print):
+    """Documents -> (synthetic math) -> curation -> token shards (built on rank 0, cached in
+    `out`/data) -> the mix. Returns Data(train, val, weights)."""
+    documents, data_key = corpus_documents(flags, log)
+    n_math = flags.math_problems if flags.math_problems is not None else (0 if flags.data or flags.dataset else 4000)
+    mix = parse_mix(flags.mix)
+    key = f"{data_key}; math {n_math}; curation {'v1' if flags.curation else 'off'}"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        corpus = functools.partial(curated_documents, documents, n_math, flags.curation, tokenizer, out, log)
+        prepare_shards(corpus, tokenizer, tokenizer_path, out / "data", key, log)
+    if world > 1:
+        dist.barrier()
+    train, val = TokenShards(out / "data", "train"), TokenShards(out / "data", "val")
+    weights = mix_weights(train, mix)
+    log("data mix: " + ", ".join(f"{s} {w:.1%}" for s, w in weights.items()))
+    if rank == 0 and (out / "curation.json").is_file():
+        report = json.loads((out / "curation.json").read_text())
+        (out / "curation.json").write_text(json.dumps({**report, "mix": weights}, indent=2))
+    return Data(train, val, weights)
+
+
+# =============================================================================
+# Part 2: training (Llama 3 §3.4.1)
+# =============================================================================
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"  # a 02_model preset
+    seq_len: int = 256  # tokens per row (Llama 3: 8,192; 4,096 in its first stage)
+    batch_tokens: int = 4096  # global batch per optimizer step, in tokens (all ranks, all micro-steps)
+    micro_batch: int = 16  # rows per forward pass on each process
+    steps: int = 150  # optimizer steps
+    lr: float = 2e-3  # peak; small models take larger rates (Llama 3 405B: 8e-5, 8B: 3e-4)
+    min_lr_ratio: float = 0.01  # §3.4.1: cosine decay to 8e-7 from a peak of 8e-5, i.e. 1%
+    warmup: int = 15  # §3.4.1: linear warmup (8,000 steps for 405B)
+    # The paper does not state AdamW's betas, eps, weight decay or clipping for Llama 3; these are
+    # Llama 2's (§2.2 of that paper): beta2 = 0.95, eps = 1e-5, weight decay 0.1, clip 1.0.
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    eps: float = 1e-5  # AdamW's epsilon
+    weight_decay: float = 0.1  # decoupled, on matrices only
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    batch_ramp: bool = False  # §3.4.1: 1/4 of the batch for the first 1.6% of steps, 1/2 until 18.4%
+    doc_mask: bool = True  # §3.2 document mask inside packed rows
+    dtype: str = "float32"  # float32 or bfloat16 (autocast, or FSDP's param dtype)
+    compile: bool = False  # torch.compile the model (worth it on GPUs)
+    eval_every: int = 50  # steps between validation losses
+    eval_rows: int = 24  # validation rows per source
+    sample_every: int = 75  # steps between samples
+    ckpt_every: int = 50  # steps between checkpoints
+    keep_last: int = 2  # checkpoints kept
+    seed: int = 1337  # weights and the data order
+
+
+TRAIN_PRESETS = {
+    # 7 M parameters, 4,096 tokens per step: ~0.6 M tokens in about four minutes on 2 cores
+    "cpu": TrainConfig(),
+    # ~0.25 B parameters on one 80 GB GPU: 0.5M-token batches of 4K-token rows (16 micro-steps of 8
+    # rows; 2 on 8 GPUs), bf16, compiled. 0.5 B tokens in all: the offline corpus has ~25 M, so this
+    # repeats it ~20 times; pass --dataset fineweb-edu for web text.
+    "gpu": TrainConfig(model="gpu", seq_len=4096, batch_tokens=524_288, micro_batch=8, steps=1000, lr=6e-4,
+                       warmup=100, dtype="bfloat16", compile=True, eval_every=250, eval_rows=64, sample_every=500,
+                       ckpt_every=500),
 }
 
 
-def download(url, dest, log=print):
-    """Fetch `url` to `dest` over HTTP(S), resuming a broken download from `dest`.part with a Range
-    request, showing progress. An existing `dest` is reused."""
-    dest = Path(dest)
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        if have and response.status != 206:
-            have = 0  # the server ignored the Range header: start over
-        total = have + int(response.headers.get("Content-Length", 0))
-        with open(part, "ab" if have else "wb") as f:
-            done, t0 = have, time.time()
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                if total:
-                    rate = (done - have) / max(time.time() - t0, 1e-9) / 2**20
-                    log(f"\r  {dest.name}: {done / 2**20:,.0f} / {total / 2**20:,.0f} MiB ({rate:.1f} MiB/s)", end="")
-        log("")
-    if total and part.stat().st_size != total:
-        raise IOError(f"{url}: got {part.stat().st_size} of {total} bytes; run again to resume")
-    os.replace(part, dest)
-    return dest
-
-
-def dataset_documents(name, cache, mirror=None, log=print):
-    """Download a public corpus (once) into `cache` and return a function that streams its documents.
-    `mirror` replaces the base URL (a local copy, or a test server)."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown --dataset {name!r}; available: {', '.join(DATASETS)}")
-    spec = DATASETS[name]
-    log(f"dataset {name}: {spec['about']}")
-    base = mirror.rstrip("/") + "/" if mirror else spec["base"]
-    paths = [download(base + file, Path(cache) / name / file, log) for file in spec["files"]]
-
-    def stories(path):
-        """TinyStories: (index, text) of the stories between <|endoftext|> lines of one large file."""
-        with open(path, encoding="utf-8") as f:
-            story, index = [], 0
-            for line in chain(f, ["<|endoftext|>\n"]):  # the sentinel ends the last story too
-                if line.strip() != "<|endoftext|>":
-                    story.append(line)
-                    continue
-                if text := "".join(story).strip():
-                    yield index, text
-                story, index = [], index + 1
-
-    def documents():
-        for path in paths:
-            if path.suffix == ".parquet":
-                yield from tok.iter_documents(path)
-                continue
-            for index, text in stories(path):
-                yield tok.Document(name, f"{name}/{path.stem}:{index}", text)
-    return documents
-
-
 # -----------------------------------------------------------------------------
-# Optimizer, schedule, speed
+# The schedule and the optimizer
 
 
 def lr_at(step, cfg):
@@ -742,59 +682,415 @@ def batch_fraction_at(step, cfg):
     return 0.25 if done < 0.016 else 0.5 if done < 0.184 else 1.0
 
 
-def make_optimizer(model, cfg, fused):
+def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-5, fused=False):
     """AdamW with decoupled weight decay on matrices only: norms' gains and the embedding are not
     decayed (a common choice; the paper does not say)."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "tok_embeddings" in n]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
-def train_step(model, optimizer, tokens, doc_ids, cfg, n_micro, device, autocast, world=1):
-    """One optimizer step over `tokens` (rows, T+1) in `n_micro` micro-batches of cfg.micro_batch
-    rows: forward, loss / n_micro, backward (gradients add up), clip, AdamW step. The caller sets the
-    learning rate. Returns the mean loss (over ranks too) and the gradient norm before clipping."""
-    loss_sum = 0.0
-    for micro in range(n_micro):
-        x = tokens[micro * cfg.micro_batch:(micro + 1) * cfg.micro_batch].to(device, non_blocking=True)
-        d = doc_ids[micro * cfg.micro_batch:(micro + 1) * cfg.micro_batch].to(device, non_blocking=True)
-        if world > 1:  # reduce-scatter gradients only after the last micro-batch
-            model.set_requires_gradient_sync(micro == n_micro - 1)
+# -----------------------------------------------------------------------------
+# One training step, the same for every chapter that trains
+
+
+def next_token_loss(model, batch, doc_mask=True):
+    """Pretraining's loss: the summed cross-entropy of every next token of a micro-batch of
+    (tokens, doc_ids) rows of T+1 tokens, and how many targets that is."""
+    tokens, doc_ids = batch
+    logits = model(tokens[:, :-1], doc_ids=doc_ids[:, :-1] if doc_mask else None)  # (b, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
+    return loss, tokens[:, 1:].numel()
+
+
+def split_micro_batches(tensors, size, n_micro, device):
+    """The first n_micro·size rows of each tensor, as n_micro micro-batches of `size` rows on `device`."""
+    return [tuple(t[i * size:(i + 1) * size].to(device, non_blocking=True) for t in tensors) for i in range(n_micro)]
+
+
+def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip=1.0, autocast=contextlib.nullcontext(),
+               world=1):
+    """One optimizer step: set the learning rate, accumulate gradients over the micro-batches, turn
+    them into the mean over every target of the global batch, clip, step. The same step serves every
+    chapter that trains; only `loss_fn(model, micro_batch) -> (summed loss, number of targets)`
+    differs (next tokens here; answers in SFT, preference pairs in the reward model and DPO). Summing
+    rather than averaging per micro-batch makes the result the same as one pass over the whole batch
+    even when micro-batches hold different numbers of targets. Returns (mean loss, gradient norm
+    before clipping); a NaN or inf raises FloatingPointError before the weights change."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, n_targets = 0.0, 0
+    for i, micro_batch in enumerate(micro_batches):
+        if world > 1:  # FSDP: reduce-scatter the gradients only after the last micro-batch
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
         with autocast:
-            logits = model(x[:, :-1], doc_ids=d[:, :-1] if cfg.doc_mask else None)  # (b, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) / n_micro
-        loss.backward()
-        loss_sum += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            loss, n = loss_fn(model, micro_batch)
+        loss.backward()  # gradients add up across micro-batches
+        loss_sum, n_targets = loss_sum + loss.detach().float(), n_targets + n
+    loss_sum, n_targets = all_reduce_sum([loss_sum, n_targets], world)
+    scale = world / max(n_targets, 1)  # FSDP already averaged the gradients over the `world` ranks
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-    loss_value, = all_reduce_mean([loss_sum], world)
-    if math.isfinite(loss_value) and math.isfinite(grad_norm):  # never step on a NaN
-        optimizer.step()
+    mean_loss = loss_sum / max(n_targets, 1)
+    if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):  # never step on a NaN
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"loss {mean_loss}, grad norm {grad_norm}: training diverged (try a lower --lr)")
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return loss_value, grad_norm
+    return mean_loss, grad_norm
+
+
+# -----------------------------------------------------------------------------
+# Evaluation and samples
 
 
 @torch.no_grad()
-def eval_losses(model, shards, cfg, device, autocast, rank=0, world=1, seq_len=None):
-    """Mean next-token loss per source on cfg.eval_rows fixed rows (the same rows at every call),
-    split across ranks."""
-    seq_len = seq_len or cfg.seq_len
+def eval_losses(model, shards, rows, seq_len, seed, device, doc_mask=True, autocast=contextlib.nullcontext(),
+                micro_batch=None, rank=0, world=1):
+    """Mean next-token loss per source on `rows` fixed rows of `seq_len` tokens (the same rows at
+    every call), split across ranks and run `micro_batch` rows at a time."""
     was_training = model.training
     model.eval()
-    losses = {}
+    sums = []
     for source in shards.sources:
-        rng = np.random.default_rng([cfg.seed, 10**9])
-        tokens, doc_ids = sample_batch(shards, {source: 1.0}, cfg.eval_rows, seq_len + 1, rng)
-        mine = slice(rank * cfg.eval_rows // world, (rank + 1) * cfg.eval_rows // world)
-        tokens, doc_ids = tokens[mine].to(device), doc_ids[mine].to(device)
-        with autocast:
-            logits = model(tokens[:, :-1], doc_ids=doc_ids[:, :-1] if cfg.doc_mask else None)
-        losses[source] = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
+        rng = np.random.default_rng([seed, 10**9])
+        tokens, doc_ids = sample_batch(shards, {source: 1.0}, rows, seq_len + 1, rng)
+        mine = slice(rank * rows // world, (rank + 1) * rows // world)
+        size = micro_batch or rows
+        loss_sum, n_targets = 0.0, 0
+        for batch in split_micro_batches((tokens[mine], doc_ids[mine]), size, -(-len(tokens[mine]) // size), device):
+            with autocast:
+                loss, n = next_token_loss(model, batch, doc_mask)
+            loss_sum, n_targets = loss_sum + loss.float(), n_targets + n
+        sums += [loss_sum, n_targets]
+    sums = all_reduce_sum(sums, world)
     model.train(was_training)
-    return dict(zip(losses, all_reduce_mean(list(losses.values()), world)))
+    return {source: sums[2 * i] / sums[2 * i + 1] for i, source in enumerate(shards.sources)}
+
+
+def generate_sample(model, tokenizer, seed, max_tokens, device):
+    """A short sample (temperature 0.8, top-p 0.95) from a BOS and a newline: progress you can read."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt = tokenizer.encode("\n", bos=True)
+    # Generation's shapes (prompt, KV cache) are not training's: run it eagerly, not recompiled.
+    with torch.compiler.set_stance("force_eager"):
+        ids = mdl.generate(model, [prompt], max_new_tokens=min(64, max_tokens - len(prompt)), temperature=0.8,
+                           top_p=0.95, stop_tokens=tokenizer.stop_tokens, generator=generator)[0]
+    model.train(was_training)
+    return tokenizer.decode(ids)
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Run:
+    """What the loop needs besides the model and the data: where it writes, who it is (the rank of
+    this process among `world`), how it computes, and whether it was asked to stop."""
+    out: Path
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    autocast: object = contextlib.nullcontext()
+    peak_flops: float = 1.0  # what MFU divides by (Part 3)
+    log_file: object = None
+    stop: object = None  # a StopSignal (Part 3): Ctrl-C asks the loop to stop at the next step
+
+    def log(self, *args, **kwargs):  # rank 0 speaks for everyone
+        if self.rank == 0:
+            print(*args, **kwargs, flush=True)
+
+    def write(self, record):
+        if self.log_file:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+
+
+def train(model, optimizer, data, cfg, run, tokenizer, start_step=0, stop_after=None):
+    """The training loop. Each pass evaluates and samples when due, saves a checkpoint when due, ends
+    after the last step (or when asked to stop), else takes one optimizer step and logs one line.
+    Returns the step it ended at."""
+    rows = cfg.batch_tokens // cfg.seq_len
+    flops_per_token = mdl.flops_per_token(model.args, cfg.seq_len)
+    loss_fn = functools.partial(next_token_loss, doc_mask=cfg.doc_mask)
+    t_run = time.time()
+    for step in range(start_step, cfg.steps + 1):
+        last = step == cfg.steps
+        if step % cfg.eval_every == 0 or last:
+            val = eval_losses(model, data.val, cfg.eval_rows, cfg.seq_len, cfg.seed, run.device, cfg.doc_mask,
+                              run.autocast, cfg.micro_batch, run.rank, run.world)
+            run.log(f"step {step}: val " + " | ".join(f"{s} {v:.3f}" for s, v in val.items()))
+            run.write({"step": step, "val": val})
+        if (step % cfg.sample_every == 0 and step > 0) or last:
+            text = generate_sample(model, tokenizer, cfg.seed, cfg.seq_len, run.device)
+            run.log(f"sample: {text!r}")
+            run.write({"step": step, "sample": text})
+        stopping = run.stop.requested() or (stop_after is not None and step - start_step >= stop_after)
+        if step > start_step and (step % cfg.ckpt_every == 0 or last or stopping):
+            save_training_checkpoint(model, optimizer, cfg, step, run)
+        if last or stopping:
+            return step
+
+        t0 = time.time()
+        tokens, doc_ids = batch_for_step(data.train, data.weights, cfg, step, run.rank, run.world, rows)
+        n_micro = max(1, round(len(tokens) // cfg.micro_batch * batch_fraction_at(step, cfg)))
+        micro_batches = split_micro_batches((tokens, doc_ids), cfg.micro_batch, n_micro, run.device)
+        lr = lr_at(step, cfg)
+        try:
+            loss, grad_norm = train_step(model, optimizer, micro_batches, loss_fn, lr, cfg.grad_clip, run.autocast,
+                                         run.world)
+        except FloatingPointError as e:
+            kept = checkpoints(run.out)
+            raise FloatingPointError(f"step {step + 1}: {e}. The last good checkpoint is kept: "
+                                     f"{kept[-1] if kept else 'none yet'}") from None
+        dt = time.time() - t0
+        step_tokens = n_micro * cfg.micro_batch * cfg.seq_len * run.world
+        tps, mfu = step_tokens / dt, step_tokens / dt * flops_per_token / (run.peak_flops * run.world)
+        eta = (time.time() - t_run) / (step + 1 - start_step) * (cfg.steps - step - 1)
+        run.log(f"step {step + 1:>5}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:5.2f} | "
+                f"{dt * 1000:6.0f} ms | {tps:7,.0f} tok/s | MFU {mfu:5.1%} | ETA {eta / 60:4.1f} min")
+        run.write({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": dt * 1000,
+                   "tokens_per_s": tps, "mfu": mfu, "tokens": step_tokens})
+
+
+# =============================================================================
+# main: Parts 1 and 2 put together (Part 3 below adds what scale needs)
+# =============================================================================
+
+
+def main(argv=None):
+    flags = parse_flags(argv)
+    device, rank, world = init_distributed(flags.device)  # one process unless launched by torchrun
+    try:
+        pretrain(flags, device, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def pretrain(flags, device, rank=0, world=1):
+    """The whole run: config, tokenizer, data, model, (resume), the loop, and what it leaves behind."""
+    cfg = train_config(flags, device, world)
+    run = Run(Path(flags.out), device, rank, world)
+    # Refuse to overwrite a run: nothing saved is lost to a run started by mistake.
+    existing = checkpoints(run.out)
+    if existing and not flags.resume:
+        raise FileExistsError(f"{run.out} already holds checkpoints ({existing[-1].name}): pass --resume to "
+                              f"continue that run, or --out to start a new one")
+    if flags.resume and not existing:
+        raise FileNotFoundError(f"--resume: no ckpt_*.pt in {run.out}; start without --resume")
+    tokenizer, tokenizer_path = load_tokenizer(flags.tokenizer, run)
+    data = prepare_data(flags, tokenizer, tokenizer_path, run.out, rank, world, run.log)
+    model, optimizer = build_model(cfg, flags, tokenizer, run)
+    start_step = resume(model, optimizer, cfg, existing[-1], run) if flags.resume else 0
+    start_log(model, cfg, tokenizer_path, run, append=flags.resume)
+    with StopSignal(run) as run.stop:
+        step = train(model, optimizer, data, cfg, run, tokenizer, start_step, flags.stop_after)
+    finish(model, optimizer, cfg, step, run)
+
+
+def train_config(flags, device, world=1):
+    """The preset (gpu with CUDA, else cpu) with the flags given on the command line."""
+    cfg = config_from_flags(flags, TRAIN_PRESETS[flags.preset or ("gpu" if device.type == "cuda" else "cpu")])
+    if device.type == "cpu" and cfg.dtype == "bfloat16":
+        print("note: bf16 on a CPU without AMX/AVX-512 runs ~20x slower than fp32 here; --dtype float32 is faster")
+    rows = cfg.batch_tokens // cfg.seq_len
+    if cfg.batch_tokens % cfg.seq_len or rows % (world * cfg.micro_batch):
+        raise ValueError(f"--batch-tokens {cfg.batch_tokens} must be a multiple of seq_len ({cfg.seq_len}) x "
+                         f"micro_batch ({cfg.micro_batch}) x processes ({world}) = "
+                         f"{cfg.seq_len * cfg.micro_batch * world}")
+    return cfg
+
+
+def load_tokenizer(path, run):
+    """01's tokenizer; on a fresh clone the default one is trained first (01_tokenizer.py's defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        if path != Path("runs/01_tokenizer/tokenizer.model"):
+            raise FileNotFoundError(f"--tokenizer {path} not found")
+        if run.rank == 0:
+            run.log(f"no tokenizer at {path} yet: training one first (python 01_tokenizer.py) ...")
+            tok.train_tokenizer(out=path.parent)
+        if run.world > 1:
+            dist.barrier()
+    return Tokenizer.load(path), path
+
+
+MODEL_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of")  # --dim 64 --n-layers 2 reshape a preset
+
+
+def build_model(cfg, flags, tokenizer, run):
+    """The model (the same weights on every rank, from the seed), sharded across ranks when there
+    are several, its optimizer, and how it computes (bf16 autocast, compile)."""
+    torch.manual_seed(cfg.seed)
+    shape = {name: getattr(flags, name) for name in MODEL_FLAGS if getattr(flags, name) is not None}
+    model_args = mdl.preset(cfg.model, vocab_size=tokenizer.n_words, max_seq_len=cfg.seq_len,
+                            attn_impl=pick_attention(run.device, cfg, run.log), **shape)
+    model = Transformer(model_args).to(run.device)
+    if run.world > 1:
+        shard_model(model, run.device, cfg.dtype)  # Part 3: FSDP2
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
+                               fused=run.device.type == "cuda")  # built after sharding: it holds the shards
+    if cfg.compile:
+        model.compile()  # in place: the state dict keeps its plain names (no _orig_mod. prefix)
+    if cfg.dtype == "bfloat16" and run.world == 1:  # (under FSDP its mixed-precision policy does this)
+        run.autocast = torch.autocast(run.device.type, dtype=torch.bfloat16)
+    return model, optimizer
+
+
+def start_log(model, cfg, tokenizer_path, run, append=False):
+    """Open log.jsonl (a header line, then one record per event) and print what is about to run."""
+    n_params = sum(p.numel() for p in model.parameters())
+    run.peak_flops = peak_flops(run.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    if run.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tokenizer_path, run.out / "tokenizer.model")
+        run.log_file = open(run.out / "log.jsonl", "a" if append else "w")
+        if not append:  # the header: what every later record is relative to
+            run.write({"config": asdict(cfg), "model": asdict(model.args), "params": n_params, "world": run.world,
+                       "device": str(run.device), "peak_flops": run.peak_flops})
+    run.log(f"model {cfg.model}: {n_params / 1e6:.1f} M parameters | {run.world} process(es) on {run.device} | "
+            f"{cfg.dtype} | batch {cfg.batch_tokens:,} tokens = {cfg.batch_tokens // cfg.seq_len} rows x "
+            f"{cfg.seq_len} | {cfg.steps} steps")
+
+
+def finish(model, optimizer, cfg, step, run):
+    """After the loop: the plot, and for a finished run the final model and its metrics."""
+    if run.log_file:
+        run.log_file.close()
+    finished = step == cfg.steps
+    model_state = full_state(model, optimizer)[0] if finished else None  # every rank takes part in gathering
+    if run.rank != 0:
+        return
+    plot_losses(run.out / "log.jsonl", run.out / "loss.png")
+    if not finished:
+        run.log(f"stopped at step {step}; continue with: python 03_pretrain.py --resume --out {run.out}")
+        return
+    mdl.save_checkpoint(run.out / "model.pt", model, state_dict=model_state, step=step)
+    records = [json.loads(line) for line in open(run.out / "log.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    vals = [r for r in records if "val" in r]
+    metrics = {"steps": cfg.steps, "params": records[0]["params"],
+               "final_train_loss": steps[-1]["loss"] if steps else None, "val_loss": vals[-1]["val"] if vals else {},
+               "tokens_per_s": float(np.median([r["tokens_per_s"] for r in steps])) if steps else None,
+               "mfu": float(np.median([r["mfu"] for r in steps])) if steps else None,
+               "device": str(run.device), "world": run.world}
+    (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    run.log(f"done: {run.out / 'model.pt'}, {run.out / 'loss.png'}, {run.out / 'metrics.json'}")
+
+
+# =============================================================================
+# Part 3: at scale (Llama 3 §3.3): several processes, checkpoints, speed, signals
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# FSDP2 under torchrun
+
+
+def init_distributed(device_flag):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: join the process group (NCCL between GPUs,
+    gloo on CPU), one GPU per process. Without torchrun: one process. Returns (device, rank, world)."""
+    device_name = mdl.pick_device(device_flag)
+    if "RANK" not in os.environ:
+        return torch.device(device_name), 0, 1
+    dist.init_process_group("nccl" if device_name.startswith("cuda") else "gloo")
+    if device_name.startswith("cuda"):
+        device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device_name)
+    return torch.device(device_name), dist.get_rank(), dist.get_world_size()
+
+
+def shard_model(model, device, dtype):
+    """FSDP2 (torchtitan's recipe): shard every block, then the root, over all ranks. Each rank keeps
+    1/world of every parameter, gradient and optimizer state, and gathers a block's full weights just
+    before using it. §3.3.2: parameters in bf16 for compute, gradients reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if dtype == "bfloat16" else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def all_reduce_sum(values, world):
+    """Sum a list of numbers (floats, ints or 0-d tensors) over ranks; returns floats. The tensor
+    lives on the device the numbers come from: NCCL accepts only GPU tensors."""
+    device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    t = torch.stack([torch.as_tensor(v, dtype=dtype, device=device) for v in values])
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and resuming
+
+
+def full_state(model, optimizer):
+    """Plain (unsharded, uncompiled) model and optimizer state dicts, keyed by parameter names, so a
+    checkpoint written by N FSDP ranks loads in one process and vice versa."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model, optimizer, model_state, optimizer_state):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def checkpoints(out):
+    return sorted(Path(out).glob("ckpt_*.pt"))
+
+
+def save_training_checkpoint(model, optimizer, cfg, step, run):
+    """ckpt_NNNNNN.pt: everything resuming needs (weights, optimizer, config, step, RNG), written by
+    rank 0 after every rank helped gather it; only the newest cfg.keep_last are kept."""
+    model_state, optimizer_state = full_state(model, optimizer)
+    if run.rank != 0:
+        return
+    path = run.out / f"ckpt_{step:06d}.pt"
+    mdl.save_checkpoint(path, model, state_dict=model_state, optimizer=optimizer_state, config=asdict(cfg),
+                        step=step, rng=torch.get_rng_state())
+    for old in checkpoints(run.out)[:-cfg.keep_last]:
+        old.unlink()
+    run.log(f"saved {path}")
+
+
+def resume(model, optimizer, cfg, path, run):
+    """Load a training checkpoint into the (possibly sharded) model and optimizer, after checking it
+    continues the same run. Returns the step to continue from."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    now = asdict(model.args)
+    if ckpt["args"] != now:
+        diff = {k: (v, now.get(k)) for k, v in ckpt["args"].items() if now.get(k) != v}
+        raise ValueError(f"{path} was trained with another model config (checkpoint vs now): {diff}")
+    for key in ("seq_len", "batch_tokens", "seed"):
+        if ckpt["config"][key] != getattr(cfg, key):
+            raise ValueError(f"{path} used {key}={ckpt['config'][key]}, this run {getattr(cfg, key)}: "
+                             f"resuming would not continue the same data stream")
+    load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    run.log(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+# -----------------------------------------------------------------------------
+# Speed: the peak that MFU divides by, and the attention kernel
 
 
 # Dense bf16 peak of the cards MFU is usually quoted for (NVIDIA datasheets, SXM parts).
@@ -827,40 +1123,6 @@ def peak_flops(device, dtype):
     return best
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints and distributed helpers
-
-
-def full_state(model, optimizer):
-    """Plain (unsharded, uncompiled) model and optimizer state dicts, keyed by parameter names, so a
-    checkpoint written by N FSDP ranks loads in one process and vice versa."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
-
-
-def load_full_state(model, optimizer, model_state, optimizer_state):
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-
-
-def checkpoints(out):
-    return sorted(Path(out).glob("ckpt_*.pt"))
-
-
-def all_reduce_mean(values, world):
-    """Average a list of floats over ranks (identity in one process)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(t)
-        t /= world
-    return t.tolist()
-
-
 def pick_attention(device, cfg, log):
     """flex attention keeps the document mask on a fused kernel, but only on CUDA (on CPU it has no
     backward). If it fails here (an old GPU, no Triton), fall back to SDPA with a dense mask."""
@@ -877,95 +1139,90 @@ def pick_attention(device, cfg, log):
         return "sdpa"
 
 
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise ValueError(f"--device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible to PyTorch (is the CUDA build installed?)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: Apple's MPS backend is not available here")
-    return name
-
-
 # -----------------------------------------------------------------------------
-# The command line and the training loop
+# Ctrl-C
 
 
-MODEL_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of")
+class StopSignal:
+    """While active, Ctrl-C (SIGINT) does not kill the run: it asks the loop to stop at the next
+    step, which saves a checkpoint first. Only a single process installs the handler."""
+
+    def __init__(self, run):
+        self.enabled = run.rank == 0 and run.world == 1
+        self.asked = False
+
+    def requested(self):
+        return self.asked
+
+    def _ask(self, *_):
+        self.asked = True
+
+    def __enter__(self):
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGINT, self._ask)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous)
 
 
-def data_fingerprint(data):
-    """A short hash of the path, size and modification time of every text file under --data:
-    editing, adding or removing a file changes it, so shards cached from the old files are rebuilt
-    (a cheap stand-in for hashing the contents, which for a big corpus would take minutes)."""
-    root = Path(data)
-    digest = hashlib.sha256()
-    for f in tok.data_files(data):
-        stat = f.stat()
-        digest.update(f"{f.relative_to(root) if root.is_dir() else f.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+# =============================================================================
+# Plumbing: command-line flags, plots
+# =============================================================================
 
 
-def prepare_data(args, tokenizer, tokenizer_path, out, rank, world, log):
-    """Documents -> (synthetic math) -> curation -> token shards (rank 0, cached) -> the mix."""
-    if args.dataset:
-        documents = dataset_documents(args.dataset, Path(args.out).parent / "datasets", args.mirror, log)
-        data_key = f"dataset:{args.dataset}"
-    else:
-        if args.data is not None and not Path(args.data).exists():
-            raise FileNotFoundError(f"--data {args.data}: no such file or folder")
-        documents = lambda: tok.iter_documents(args.data)
-        data_key = (f"data:{Path(args.data).resolve()} ({data_fingerprint(args.data)})" if args.data
-                    else f"default corpus (Python {sys.version_info[0]}.{sys.version_info[1]})")
-    math_problems = args.math_problems if args.math_problems is not None else (
-        0 if args.data or args.dataset else 4000)
-    mix = parse_mix(args.mix)
-
-    def corpus():
-        docs = chain(documents(), math_documents(math_problems))
-        if not args.curation:
-            return docs
-        # Only the training documents are curated: validation stays raw, so curated and uncurated
-        # runs are measured on the very same held-out text.
-        docs = list(docs)
-        train_docs = [d for d in docs if not tok.is_held_out(d.name)]
-        kept, report = curate(train_docs, tokenizer, log)
-        log(curation_table(report))
-        (out / "curation.json").write_text(json.dumps({"steps": report}, indent=2))
-        return iter(kept + [d for d in docs if tok.is_held_out(d.name)])
-
-    shard_dir = out / "data"
-    key = f"{data_key}; math {math_problems}; curation {'v1' if args.curation else 'off'}"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        prepare_shards(corpus, tokenizer, tokenizer_path, shard_dir, key, log)
-    if world > 1:
-        dist.barrier()
-    train, val = TokenShards(shard_dir, "train"), TokenShards(shard_dir, "val")
-    weights = mix_weights(train, mix)
-    log("data mix: " + ", ".join(f"{s} {w:.1%}" for s, w in weights.items()))
-    if rank == 0 and (out / "curation.json").is_file():
-        report = json.loads((out / "curation.json").read_text())
-        (out / "curation.json").write_text(json.dumps({**report, "mix": weights}, indent=2))
-    return train, val, weights
+def field_comments(cls):
+    """The trailing comment of each field of a dataclass, read from its source: the --help text."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source (a frozen build): flags without help texts
+        return {}
+    return dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.M))
 
 
-def parse_args(argv):
+def comma_separated(kind):
+    def parse(text):
+        return tuple(kind(x) for x in text.split(","))
+    parse.__name__ = f"comma-separated {kind.__name__}"  # argparse names it in "invalid ... value"
+    return parse
+
+
+def add_config_flags(parser, cls, defaults, where=""):
+    """One flag per field of the config dataclass `cls`: seq_len -> --seq-len N, a bool ->
+    --doc-mask / --no-doc-mask, a tuple -> comma-separated values. Each defaults to None, so that
+    config_from_flags can tell which were given; the help text is the field's comment. Every
+    chapter builds its command line this way."""
+    comments = field_comments(cls)
+    for f in fields(cls):
+        default = getattr(defaults, f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        text = f"{comments.get(f.name, '')} (default{where}: {shown})".strip().replace("%", "%%")
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.type is tuple:
+            parser.add_argument(flag, type=comma_separated(type(default[0]) if default else str), default=None,
+                                help=text, metavar="A,B,...")
+        else:
+            parser.add_argument(flag, type=f.type, default=None, help=text)
+
+
+def config_from_flags(flags, defaults):
+    """`defaults` (a config dataclass) with the fields given on the command line replaced."""
+    given = {f.name: getattr(flags, f.name) for f in fields(defaults) if getattr(flags, f.name, None) is not None}
+    return replace(defaults, **given)
+
+
+def parse_flags(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(TRAIN_PRESETS), default=None,
                         help="training preset (default: gpu when CUDA is available, else cpu)")
-    for f in fields(TrainConfig):  # every TrainConfig field is a flag: --seq-len 512, --no-doc-mask, ...
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(flag, type=f.type, default=None, help=f"default: {getattr(TRAIN_PRESETS['cpu'], f.name)} (cpu preset)")
-    for name in MODEL_FLAGS:  # change the model preset's shape: --dim 64 --n-layers 2
+    add_config_flags(parser, TrainConfig, TRAIN_PRESETS["cpu"], where=" in the cpu preset")
+    for name in MODEL_FLAGS:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"override the preset's {name}")
     parser.add_argument("--data", default=None, help="your text: .txt/.md/.jsonl/.parquet file or folder")
-    parser.add_argument("--dataset", default=None, choices=list(DATASETS), help="download a public corpus")
+    parser.add_argument("--dataset", default=None, choices=list(tok.DATASETS), help="download a public corpus")
     parser.add_argument("--mirror", default=None, help="base URL to download --dataset files from instead")
     parser.add_argument("--mix", default="paper",
                         help="paper (Llama 3's category shares, default), natural (by size), or e.g. bible=2,python_code=1")
@@ -983,237 +1240,27 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    distributed = "RANK" in os.environ  # launched by torchrun
-    device_name = pick_device(args.device)
-    if distributed:
-        dist.init_process_group("nccl" if device_name.startswith("cuda") else "gloo")
-        if device_name.startswith("cuda"):
-            device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device_name)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(device_name)
-    master = rank == 0
-
-    def log(*a, **k):  # rank 0 speaks for everyone
-        if master:
-            print(*a, **k, flush=True)
-    try:
-        run(args, device, rank, world, log)
-    finally:
-        if distributed:
-            dist.destroy_process_group()
-
-
-def run(args, device, rank, world, log):
-    out = Path(args.out)
-    preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
-    cfg = replace(TRAIN_PRESETS[preset_name], **overrides)
-    if device.type == "cpu" and cfg.dtype == "bfloat16":
-        log("note: bf16 on a CPU without AMX/AVX-512 runs ~20x slower than fp32 here; --dtype float32 is faster")
-    rows = cfg.batch_tokens // cfg.seq_len
-    if cfg.batch_tokens % cfg.seq_len or rows % (world * cfg.micro_batch):
-        raise ValueError(f"--batch-tokens {cfg.batch_tokens} must be a multiple of seq_len ({cfg.seq_len}) x "
-                         f"micro_batch ({cfg.micro_batch}) x processes ({world}) = "
-                         f"{cfg.seq_len * cfg.micro_batch * world}")
-
-    # Refuse to overwrite a run: nothing saved is lost to a run started by mistake.
-    existing = checkpoints(out)
-    if existing and not args.resume:
-        raise FileExistsError(f"{out} already holds checkpoints ({existing[-1].name}): pass --resume to continue "
-                              f"that run, or --out to start a new one")
-    if args.resume and not existing:
-        raise FileNotFoundError(f"--resume: no ckpt_*.pt in {out}; start without --resume")
-
-    # --- tokenizer and data ---
-    tokenizer_path = Path(args.tokenizer)
-    if not tokenizer_path.is_file():
-        if args.tokenizer != "runs/01_tokenizer/tokenizer.model":
-            raise FileNotFoundError(f"--tokenizer {tokenizer_path} not found")
-        if rank == 0:
-            log(f"no tokenizer at {tokenizer_path} yet: training one first (python 01_tokenizer.py) ...")
-            tok.train_tokenizer(out=tokenizer_path.parent)
-        if world > 1:
-            dist.barrier()
-    tokenizer = Tokenizer.load(tokenizer_path)
-    train, val, weights = prepare_data(args, tokenizer, tokenizer_path, out, rank, world, log)
-
-    # --- model and optimizer ---
-    torch.manual_seed(cfg.seed)
-    shape = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
-    model_args = mdl.preset(cfg.model, vocab_size=tokenizer.n_words, max_seq_len=cfg.seq_len,
-                            attn_impl=pick_attention(device, cfg, log), **shape)
-    model = Transformer(model_args)  # every rank builds the same weights from the seed, then shards them
-    n_params = sum(p.numel() for p in model.parameters())
-    if world > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(device.type, (world,))
-        # §3.3.2: parameters in bf16 for compute, gradients reduced in fp32
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if cfg.dtype == "bfloat16" else MixedPrecisionPolicy()
-        model.to(device)
-        for block in model.layers:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
-    else:
-        model.to(device)
-    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and world == 1
-                else contextlib.nullcontext())
-    if cfg.compile:
-        model.compile()  # in place: the state dict keeps its plain names (no _orig_mod. prefix)
-
-    start_step, log_mode = 0, "w"
-    if args.resume:
-        ckpt = torch.load(existing[-1], map_location="cpu", weights_only=True)
-        if ckpt["args"] != asdict(model_args):
-            diff = {k: (v, asdict(model_args).get(k)) for k, v in ckpt["args"].items() if asdict(model_args).get(k) != v}
-            raise ValueError(f"{existing[-1]} was trained with another model config (checkpoint vs now): {diff}")
-        for key in ("seq_len", "batch_tokens", "seed"):
-            if ckpt["config"][key] != getattr(cfg, key):
-                raise ValueError(f"{existing[-1]} used {key}={ckpt['config'][key]}, this run {getattr(cfg, key)}: "
-                                 f"resuming would not continue the same data stream")
-        load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        start_step, log_mode = ckpt["step"], "a"
-        log(f"resumed from {existing[-1]} at step {start_step}")
-        del ckpt
-
-    # --- run ---
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tokenizer_path, out / "tokenizer.model")
-    flops_per_token = mdl.flops_per_token(model_args, cfg.seq_len)
-    peak = peak_flops(device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
-    log_file = open(out / "log.jsonl", log_mode) if rank == 0 else None
-    if rank == 0 and log_mode == "w":  # the header: what every later record is relative to
-        log_file.write(json.dumps({"config": asdict(cfg), "model": asdict(model_args), "params": n_params,
-                                   "world": world, "device": str(device), "peak_flops": peak}) + "\n")
-    log(f"model {cfg.model}: {n_params / 1e6:.1f} M parameters | {world} process(es) on {device} | {cfg.dtype} | "
-        f"batch {cfg.batch_tokens:,} tokens = {rows} rows x {cfg.seq_len} | {cfg.steps} steps")
-
-    stop_requested = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True)) \
-        if rank == 0 and world == 1 else None
-
-    def write(record):
-        if log_file:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-    def save(step):
-        model_state, optimizer_state = full_state(model, optimizer)
-        if rank == 0:
-            path = out / f"ckpt_{step:06d}.pt"
-            mdl.atomic_save({"model": model_state, "optimizer": optimizer_state, "args": asdict(model_args),
-                             "config": asdict(cfg), "step": step, "rng": torch.get_rng_state()}, path)
-            for old in checkpoints(out)[:-cfg.keep_last]:
-                old.unlink()
-            log(f"saved {path}")
-
-    def evaluate():
-        return eval_losses(model, val, cfg, device, autocast, rank, world)
-
-    def sample():
-        model.eval()
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        prompt = tokenizer.encode("\n", bos=True)
-        # Generation's shapes (prompt, KV cache) are not training's: run it eagerly, not recompiled.
-        with torch.compiler.set_stance("force_eager"):
-            ids = mdl.generate(model, [prompt], max_new_tokens=min(64, cfg.seq_len - len(prompt)), temperature=0.8,
-                               top_p=0.95, stop_tokens=tokenizer.stop_tokens, generator=generator)[0]
-        model.train()
-        return tokenizer.decode(ids)
-
-    model.train()
-    t_run, last_loss = time.time(), float("nan")
-    steps_this_run = 0
-    for step in range(start_step, cfg.steps + 1):
-        last = step == cfg.steps
-        if step % cfg.eval_every == 0 or last:
-            val_losses = evaluate()
-            log(f"step {step}: val " + " | ".join(f"{s} {v:.3f}" for s, v in val_losses.items()))
-            write({"step": step, "val": val_losses})
-        if (step % cfg.sample_every == 0 and step > 0) or last:
-            text = sample()
-            log(f"sample: {text!r}")
-            write({"step": step, "sample": text})
-        stopping = bool(stop_requested) or (args.stop_after is not None and steps_this_run >= args.stop_after)
-        if step > start_step and (step % cfg.ckpt_every == 0 or last or stopping):
-            save(step)
-        if last or stopping:
-            break
-
-        # --- one optimizer step: micro-batches, clip, lr, update ---
-        t0 = time.time()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        tokens, doc_ids = batch_for_step(train, weights, cfg, step, rank, world, rows)  # (rows/world, T+1)
-        n_micro = max(1, round(len(tokens) // cfg.micro_batch * batch_fraction_at(step, cfg)))
-        loss_value, grad_norm = train_step(model, optimizer, tokens, doc_ids, cfg, n_micro, device, autocast, world)
-        if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
-            kept = checkpoints(out)
-            raise FloatingPointError(f"step {step}: loss {loss_value}, grad norm {grad_norm}: training diverged "
-                                     f"(try a lower --lr). The last good checkpoint is kept: "
-                                     f"{kept[-1] if kept else 'none yet'}")
-        dt = time.time() - t0
-        step_tokens = n_micro * cfg.micro_batch * cfg.seq_len * world
-        steps_this_run += 1
-        tps = step_tokens / dt
-        mfu = tps * flops_per_token / (peak * world)
-        eta = (time.time() - t_run) / steps_this_run * (cfg.steps - step - 1)
-        last_loss = loss_value
-        log(f"step {step + 1:>5}/{cfg.steps} | loss {loss_value:.4f} | lr {lr:.2e} | grad {grad_norm:5.2f} | "
-            f"{dt * 1000:6.0f} ms | {tps:7,.0f} tok/s | MFU {mfu:5.1%} | ETA {eta / 60:4.1f} min")
-        write({"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "ms": dt * 1000,
-               "tokens_per_s": tps, "mfu": mfu, "tokens": step_tokens})
-
-    if previous_handler is not None:
-        signal.signal(signal.SIGINT, previous_handler)
-    if log_file:
-        log_file.close()
-    finished = step == cfg.steps
-    model_state, _ = full_state(model, optimizer) if finished else (None, None)
-    if rank == 0:
-        plot_losses(out / "log.jsonl", out / "loss.png")
-        if finished:
-            mdl.atomic_save({"model": model_state, "args": asdict(model_args), "step": step}, out / "model.pt")
-            records = [json.loads(line) for line in open(out / "log.jsonl")]
-            steps = [r for r in records if "loss" in r]
-            vals = [r for r in records if "val" in r]
-            metrics = {"steps": cfg.steps, "params": n_params, "final_train_loss": last_loss,
-                       "val_loss": vals[-1]["val"] if vals else {},
-                       "tokens_per_s": float(np.median([r["tokens_per_s"] for r in steps])) if steps else None,
-                       "mfu": float(np.median([r["mfu"] for r in steps])) if steps else None,
-                       "device": str(device), "world": world}
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            log(f"done: {out / 'model.pt'}, {out / 'loss.png'}, {out / 'metrics.json'}")
-        else:
-            log(f"stopped at step {step}; continue with: python 03_pretrain.py --resume --out {out}")
+def figure(ncols=1, figsize=(7, 4)):
+    """A matplotlib figure and its axes, made without pyplot: no global backend to switch, nothing
+    left open, and safe to call from a notebook. Every chapter's plots start here."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols)
 
 
 def plot_losses(log_path, png_path):
     """Training loss per step and validation loss per source, from a log.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     records = [json.loads(line) for line in open(log_path)]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = figure()
     if train:
         ax.plot(*zip(*train), label="train", color="black", lw=1)
-    sources = sorted({s for r in records if "val" in r for s in r["val"]})
-    for source in sources:
+    for source in sorted({s for r in records if "val" in r for s in r["val"]}):
         points = [(r["step"], r["val"][source]) for r in records if "val" in r and source in r["val"]]
         ax.plot(*zip(*points), marker="o", label=f"val: {source}")
     ax.set_xlabel("step"), ax.set_ylabel("cross-entropy (nats/token)"), ax.grid(alpha=0.3), ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

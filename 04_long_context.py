@@ -21,7 +21,7 @@ Run it:
 """
 
 import argparse
-import contextlib
+import functools
 import importlib
 import json
 import math
@@ -42,21 +42,21 @@ pre = importlib.import_module("03_pretrain")
 @dataclass
 class LongContextConfig:
     stages: tuple = (512, 768, 1024)  # context length of each stage (the paper: six stages, 8K -> 128K)
-    steps_per_stage: int = 40
+    steps_per_stage: int = 40  # optimizer steps per stage
     extra_steps: int = 20  # at most this many more steps per stage while its gate fails (in chunks of 20)
     batch_tokens: int = 4096  # per optimizer step, as in pretraining: fewer, longer rows
     micro_batch: int = 0  # rows per forward pass; 0 = the whole batch at once (fastest on a CPU)
-    lr: float = 1e-3
-    warmup: int = 5
+    lr: float = 1e-3  # after a short warmup, constant within each stage
+    warmup: int = 5  # steps of linear warmup at the start of each stage
     rope: str = "scale"  # "scale": Llama 3.1 frequency scaling; "theta": raise θ with the length; "none"
     passkey_fraction: float = 0.25  # share of training rows that are synthetic retrieval documents
-    doc_mask: bool = True
-    activation_checkpointing: bool = False
+    doc_mask: bool = True  # §3.2 document mask; --no-doc-mask runs the ablation beside the masked run
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory for long rows
     recover_tolerance: float = 0.03  # short-context loss may end at most 3% above the pre-extension model's
-    niah_depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    niah_depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)  # needle positions, as a fraction of the haystack
     niah_trials: int = 3  # needles per (length, depth) cell
-    eval_rows: int = 16
-    seed: int = 1234
+    eval_rows: int = 16  # validation rows per source
+    seed: int = 1234  # data order and needles
 
 
 # -----------------------------------------------------------------------------
@@ -88,16 +88,13 @@ def set_args(model, args):
 
 
 def plot_rope(base_args, final_args, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pre.figure()
     for args, label in [(base_args, f"pretraining (θ = {base_args.rope_theta:,.0f})"), (final_args, "after extension")]:
         ax.plot(2 * math.pi / mdl.rope_frequencies(args), marker=".", label=label)
     ax.axhline(base_args.max_seq_len, ls="--", color="gray", label=f"pretraining length {base_args.max_seq_len}")
     ax.axhline(final_args.max_seq_len, ls=":", color="black", label=f"final length {final_args.max_seq_len}")
     ax.set_yscale("log"), ax.set_xlabel("RoPE pair i"), ax.set_ylabel("wavelength (positions)")
-    ax.legend(), ax.grid(alpha=0.3), fig.tight_layout(), fig.savefig(path, dpi=100), plt.close(fig)
+    ax.legend(), ax.grid(alpha=0.3), fig.tight_layout(), fig.savefig(path, dpi=100)
 
 
 # -----------------------------------------------------------------------------
@@ -155,16 +152,13 @@ def niah_accuracy(model, tokenizer, filler, lengths, depths, trials, seed=0, ans
 
 
 def plot_niah(grid, lengths, depths, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 3.5))
+    fig, ax = pre.figure(figsize=(1.2 * len(lengths) + 2, 3.5))
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(lengths)), lengths), ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     ax.set_xlabel("context length (tokens)"), ax.set_ylabel("needle depth"), ax.set_title(title)
     for (i, j), value in np.ndenumerate(grid):
         ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
-    fig.colorbar(image), fig.tight_layout(), fig.savefig(path, dpi=100), plt.close(fig)
+    fig.colorbar(image), fig.tight_layout(), fig.savefig(path, dpi=100)
 
 
 # -----------------------------------------------------------------------------
@@ -215,122 +209,120 @@ def attention_cost_table(args, lengths, base_len):
     return "\n".join(rows)
 
 
-def extend(model, tokenizer, train, val, weights, cfg, base_len, device, out, log):
-    """Run the stages; return per-stage records and the final NIAH grid."""
-    base_args = model.args
-    def filler(shards):  # the haystack: prose, without the special tokens between documents
-        ids = np.concatenate([shards.tokens[s] for s in shards.sources if pre.category_of(s) == "general"])
-        return ids[ids < tokenizer.n_bpe]
-    filler_train, filler_val = filler(train), filler(val)
-    train_cfg = pre.TrainConfig(doc_mask=cfg.doc_mask, eval_rows=cfg.eval_rows,
-                                seed=cfg.seed, lr=cfg.lr, warmup=cfg.warmup, seq_len=base_len)
-    optimizer = pre.make_optimizer(model, train_cfg, fused=device.type == "cuda")
-    model.activation_checkpointing = cfg.activation_checkpointing
-    no_autocast = contextlib.nullcontext()
-    short_before = np.mean(list(pre.eval_losses(model, val, train_cfg, device, no_autocast).values()))
-    log(f"short-context ({base_len}) validation loss before extension: {short_before:.3f}")
-    records, rng, step = [], np.random.default_rng(cfg.seed), 0
-    lengths_so_far = [base_len]
-    log_file = open(out / "log.jsonl", "w")
-    for stage, length in enumerate(cfg.stages, 1):
-        set_args(model, extend_rope(base_args, length, base_len, cfg.stages[-1], cfg.rope))
-        lengths_so_far.append(length)
-        rows = cfg.batch_tokens // length
-        stage_cfg = replace(train_cfg, seq_len=length, micro_batch=min(cfg.micro_batch or rows, rows))
-        long_before = long_position_loss(model, val, length, base_len, cfg.eval_rows, cfg.seed, cfg.doc_mask, device)
+def haystack(shards, tokenizer):
+    """Filler for needles: the prose of the general sources, without the special tokens between documents."""
+    ids = np.concatenate([shards.tokens[s] for s in shards.sources if pre.category_of(s) == "general"])
+    return ids[ids < tokenizer.n_bpe]
+
+
+class Extension:
+    """The staged extension of one model (Llama 3 §3.4.2): training steps at a stage's length, and
+    the paper's gate that decides when a stage is done."""
+
+    def __init__(self, model, tokenizer, data, cfg, device, log_file, log=print):
+        self.model, self.tokenizer, self.data, self.cfg, self.device = model, tokenizer, data, cfg, device
+        self.log_file, self.log = log_file, log
+        self.base_args, self.base_len = model.args, model.args.max_seq_len
+        self.filler_train, self.filler_val = haystack(data.train, tokenizer), haystack(data.val, tokenizer)
+        self.optimizer = pre.make_optimizer(model, cfg.lr, fused=device.type == "cuda")
+        self.loss_fn = functools.partial(pre.next_token_loss, doc_mask=cfg.doc_mask)
+        self.rng, self.step = np.random.default_rng(cfg.seed), 0
+        model.activation_checkpointing = cfg.activation_checkpointing
+        self.short_before = self.short_context_loss()
+
+    def short_context_loss(self):
+        """Mean validation loss at the pretraining length: the paper's "short-context evaluations"."""
+        losses = pre.eval_losses(self.model, self.data.val, self.cfg.eval_rows, self.base_len, self.cfg.seed,
+                                 self.device, self.cfg.doc_mask)
+        return float(np.mean(list(losses.values())))
+
+    def train_steps(self, n, stage, length, done):
+        """`n` optimizer steps at `length` tokens; `done` steps of this stage came before."""
+        rows = self.cfg.batch_tokens // length
+        size = min(self.cfg.micro_batch or rows, rows)
+        for i in range(done, done + n):
+            # warmup, then a constant rate within the stage (the paper gives no schedule here)
+            lr = self.cfg.lr * min(1.0, (i + 1) / self.cfg.warmup)
+            tokens, doc_ids = training_rows(self.data.train, self.data.weights, self.filler_train, self.tokenizer,
+                                            rows, length, self.cfg.passkey_fraction, self.rng)
+            micro_batches = pre.split_micro_batches((tokens, doc_ids), size, max(1, rows // size), self.device)
+            try:
+                loss, grad_norm = pre.train_step(self.model, self.optimizer, micro_batches, self.loss_fn, lr)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"stage {stage} step {i + 1}: {e}") from None
+            self.step += 1
+            self.log_file.write(json.dumps({"step": self.step, "stage": stage, "length": length, "loss": loss,
+                                            "lr": lr, "grad_norm": grad_norm}) + "\n")
+            if (i + 1) % 10 == 0:
+                self.log(f"stage {stage} ({length} tokens) step {i + 1:>3} | loss {loss:.4f} | grad {grad_norm:.2f}")
+
+    def gate(self, stage, lengths):
+        """§3.4.2's gate: (1) short-context loss recovered, (2) NIAH solved at every length so far."""
+        short = self.short_context_loss()
+        grid = niah_accuracy(self.model, self.tokenizer, self.filler_val, lengths, self.cfg.niah_depths,
+                             self.cfg.niah_trials, seed=self.cfg.seed + stage)
+        return short, grid, short <= self.short_before * (1 + self.cfg.recover_tolerance), bool((grid == 1).all())
+
+    def run_stage(self, stage, length, lengths):
+        """Train a stage, then keep going in chunks of 20 steps (up to extra_steps) while its gate fails."""
+        cfg = self.cfg
+        set_args(self.model, extend_rope(self.base_args, length, self.base_len, cfg.stages[-1], cfg.rope))
+        long_before = long_position_loss(self.model, self.data.val, length, self.base_len, cfg.eval_rows, cfg.seed,
+                                         cfg.doc_mask, self.device)
         t0, budget, done = time.time(), cfg.steps_per_stage, 0
         while True:
-            for _ in range(budget):
-                # warmup, then a constant rate within the stage (the paper gives no schedule here)
-                lr = cfg.lr * min(1.0, (done + 1) / cfg.warmup)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                tokens, doc_ids = training_rows(train, weights, filler_train, tokenizer, rows, length,
-                                                cfg.passkey_fraction, rng)
-                loss, grad_norm = pre.train_step(model, optimizer, tokens, doc_ids, stage_cfg,
-                                                 max(1, rows // stage_cfg.micro_batch), device, no_autocast)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"stage {stage} step {done}: loss {loss}; try a lower --lr")
-                done, step = done + 1, step + 1
-                log_file.write(json.dumps({"step": step, "stage": stage, "length": length, "loss": loss,
-                                           "lr": lr, "grad_norm": grad_norm}) + "\n")
-                if done % 10 == 0:
-                    log(f"stage {stage} ({length} tokens) step {done:>3} | loss {loss:.4f} | grad {grad_norm:.2f}")
-            # the gate (§3.4.2): short context recovered, and NIAH solved up to this length
-            short = np.mean(list(pre.eval_losses(model, val, replace(train_cfg, seq_len=base_len), device,
-                                                 no_autocast).values()))
-            grid = niah_accuracy(model, tokenizer, filler_val, lengths_so_far, cfg.niah_depths, cfg.niah_trials,
-                                 seed=cfg.seed + stage)
-            recovered = short <= short_before * (1 + cfg.recover_tolerance)
-            solved = bool((grid == 1).all())
+            self.train_steps(budget, stage, length, done)
+            done += budget
+            short, grid, recovered, solved = self.gate(stage, lengths)
             if (recovered and solved) or done >= cfg.steps_per_stage + cfg.extra_steps:
                 break
             budget = min(20, cfg.steps_per_stage + cfg.extra_steps - done)
-            log(f"stage {stage}: gate not passed yet (short loss {short:.3f}, NIAH {grid.mean():.0%}): "
-                f"{budget} more steps")
-        long_after = long_position_loss(model, val, length, base_len, cfg.eval_rows, cfg.seed, cfg.doc_mask, device)
-        record = {"stage": stage, "length": length, "steps": done, "seconds": time.time() - t0,
-                  "short_loss": float(short), "short_loss_before": float(short_before), "recovered": bool(recovered),
-                  "niah": grid.tolist(), "niah_lengths": lengths_so_far.copy(), "niah_solved": solved,
-                  "long_position_loss_before": long_before, "long_position_loss": long_after}
-        records.append(record)
-        log_file.write(json.dumps(record) + "\n")
-        log(f"stage {stage} done: {length} tokens, {done} steps | short-context loss {short:.3f} "
-            f"(before extension {short_before:.3f}, {'recovered' if recovered else 'NOT recovered'}) | "
-            f"NIAH {grid.mean():.0%} up to {length} ({'solved' if solved else 'NOT solved'}) | "
-            f"loss at positions {base_len}+: {long_before:.3f} -> {long_after:.3f}")
-    log_file.close()
-    return records, grid, lengths_so_far
+            self.log(f"stage {stage}: gate not passed yet (short loss {short:.3f}, NIAH {grid.mean():.0%}): "
+                     f"{budget} more steps")
+        long_after = long_position_loss(self.model, self.data.val, length, self.base_len, cfg.eval_rows, cfg.seed,
+                                        cfg.doc_mask, self.device)
+        self.log(f"stage {stage} done: {length} tokens, {done} steps | short-context loss {short:.3f} "
+                 f"(before extension {self.short_before:.3f}, {'recovered' if recovered else 'NOT recovered'}) | "
+                 f"NIAH {grid.mean():.0%} up to {length} ({'solved' if solved else 'NOT solved'}) | "
+                 f"loss at positions {self.base_len}+: {long_before:.3f} -> {long_after:.3f}")
+        return grid, {"stage": stage, "length": length, "steps": done, "seconds": time.time() - t0,
+                      "short_loss": short, "short_loss_before": self.short_before, "recovered": bool(recovered),
+                      "niah": grid.tolist(), "niah_lengths": list(lengths), "niah_solved": solved,
+                      "long_position_loss_before": long_before, "long_position_loss": long_after}
 
 
-def parse_args(argv):
-    defaults = LongContextConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init", default="runs/03_pretrain", help="the pretraining run to extend")
-    parser.add_argument("--out", default="runs/04_long_context", help="output folder")
-    parser.add_argument("--stages", default=None, help=f"comma-separated lengths (default {','.join(map(str, defaults.stages))})")
-    parser.add_argument("--steps-per-stage", type=int, default=defaults.steps_per_stage)
-    parser.add_argument("--extra-steps", type=int, default=defaults.extra_steps,
-                        help="at most this many more steps per stage while its gate fails")
-    parser.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens)
-    parser.add_argument("--micro-batch", type=int, default=defaults.micro_batch)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--rope", choices=["scale", "theta", "none"], default=defaults.rope,
-                        help="scale: Llama 3.1 frequency scaling; theta: raise θ with the length; none")
-    parser.add_argument("--passkey-fraction", type=float, default=defaults.passkey_fraction)
-    parser.add_argument("--niah-trials", type=int, default=defaults.niah_trials)
-    parser.add_argument("--eval-rows", type=int, default=defaults.eval_rows)
-    parser.add_argument("--no-doc-mask", action="store_true",
-                        help="ablation: plain causal attention over packed rows, reported beside the masked run")
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="recompute activations in backward: less memory for long rows")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    return parser.parse_args(argv)
+def extend(model, tokenizer, data, cfg, device, out, log=print):
+    """Run the stages; return per-stage records, the final NIAH grid and its lengths."""
+    with open(out / "log.jsonl", "w") as log_file:
+        extension = Extension(model, tokenizer, data, cfg, device, log_file, log)
+        log(f"short-context ({extension.base_len}) validation loss before extension: {extension.short_before:.3f}")
+        records, lengths = [], [extension.base_len]
+        for stage, length in enumerate(cfg.stages, 1):
+            lengths.append(length)
+            grid, record = extension.run_stage(stage, length, lengths)
+            records.append(record)
+            log_file.write(json.dumps(record) + "\n")
+    return records, grid, lengths
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    cfg = LongContextConfig(steps_per_stage=args.steps_per_stage, extra_steps=args.extra_steps,
-                            batch_tokens=args.batch_tokens, micro_batch=args.micro_batch, lr=args.lr, rope=args.rope,
-                            passkey_fraction=args.passkey_fraction, niah_trials=args.niah_trials,
-                            eval_rows=args.eval_rows, doc_mask=not args.no_doc_mask,
-                            activation_checkpointing=args.activation_checkpointing, seed=args.seed)
-    if args.stages:
-        cfg = replace(cfg, stages=tuple(int(x) for x in args.stages.split(",")))
-    if not cfg.doc_mask and not (Path(args.out) / "metrics.json").is_file():
-        print(f"the ablation is reported beside the masked run, which is not in {args.out} yet: running it first")
-        run(args, replace(cfg, doc_mask=True))
-    run(args, cfg)
+    flags = parse_flags(argv)
+    cfg = pre.config_from_flags(flags, LongContextConfig())
+    if not cfg.doc_mask and not (Path(flags.out) / "metrics.json").is_file():
+        print(f"the ablation is reported beside the masked run, which is not in {flags.out} yet: running it first")
+        long_context(flags.init, flags.out, replace(cfg, doc_mask=True), flags.device)
+    long_context(flags.init, flags.out, cfg, flags.device)
 
 
-def run(args, cfg):
-    init = Path(args.init)
+def long_context(init, out, cfg, device_name="auto"):
+    """Extend 03's model in `init` stage by stage; write the model, plots and metrics into `out`
+    (into `out`/no_doc_mask for the ablation)."""
+    init, base_out = Path(init), Path(out)
     if not (init / "model.pt").is_file():
         raise FileNotFoundError(f"{init / 'model.pt'} not found: run python 03_pretrain.py first (or pass --init DIR)")
     if not (init / "data" / "meta.json").is_file():
         raise FileNotFoundError(f"{init / 'data'} (the token shards) not found: run python 03_pretrain.py first")
-    device = torch.device(pre.pick_device(args.device))
+    device = torch.device(mdl.pick_device(device_name))
     torch.manual_seed(cfg.seed)
     model, base_args = mdl.load_checkpoint(init, mmap=False)
     model = model.to(device).train()
@@ -338,21 +330,23 @@ def run(args, cfg):
     if sorted(set(cfg.stages)) != list(cfg.stages) or cfg.stages[0] <= base_len:
         raise ValueError(f"--stages {','.join(map(str, cfg.stages))}: each stage must be longer than the one before, "
                          f"and the first longer than the current context ({base_len} tokens)")
+    if cfg.rope not in ("scale", "theta", "none"):
+        raise ValueError(f"--rope {cfg.rope!r}: choose scale, theta or none")
     tokenizer = tok.Tokenizer.load(init / "tokenizer.model")
-    train, val = pre.TokenShards(init / "data", "train"), pre.TokenShards(init / "data", "val")
-    weights = pre.mix_weights(train, "paper")
-    out = Path(args.out) / ("no_doc_mask" if not cfg.doc_mask else "")
+    train = pre.TokenShards(init / "data", "train")
+    data = pre.Data(train, pre.TokenShards(init / "data", "val"), pre.mix_weights(train, "paper"))
+    out = base_out / ("no_doc_mask" if not cfg.doc_mask else "")
     out.mkdir(parents=True, exist_ok=True)
     print(f"extending {init / 'model.pt'} ({base_len} tokens) to {cfg.stages[-1]} in {len(cfg.stages)} stages, "
           f"RoPE lever: {cfg.rope}, document mask: {'on' if cfg.doc_mask else 'OFF (ablation)'}")
     print("attention cost per sequence (one row of the batch):\n" + attention_cost_table(base_args, cfg.stages, base_len))
 
-    records, grid, lengths = extend(model, tokenizer, train, val, weights, cfg, base_len, device, out, print)
+    records, grid, lengths = extend(model, tokenizer, data, cfg, device, out)
     final_args = replace(model.args, attn_impl="sdpa")
     plot_rope(base_args, final_args, out / "rope.png")
     plot_niah(grid, lengths, cfg.niah_depths, out / "niah.png",
               f"NIAH after extension ({'document mask' if cfg.doc_mask else 'no document mask'})")
-    mdl.atomic_save({"model": model.state_dict(), "args": asdict(final_args), "stage": len(records)}, out / "model.pt")
+    mdl.save_checkpoint(out / "model.pt", model, args=final_args, stage=len(records))
     tokenizer.save(out / "tokenizer.model")
     metrics = {"config": asdict(cfg), "base_len": base_len, "stages": records,
                "final_long_position_loss": records[-1]["long_position_loss"],
@@ -360,7 +354,7 @@ def run(args, cfg):
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out / 'model.pt'} (context {final_args.max_seq_len}), niah.png, rope.png, metrics.json")
     if not cfg.doc_mask:
-        report_ablation(Path(args.out))
+        report_ablation(base_out)
 
 
 def report_ablation(out):
@@ -371,6 +365,15 @@ def report_ablation(out):
     for label, key in [("loss at long pos.", "final_long_position_loss"), ("NIAH accuracy", "final_niah_accuracy"),
                        ("short-ctx loss", "final_short_loss")]:
         print(f"{label:<16}" + "".join(f"{m[key]:>16.3f}" for m in metrics.values()))
+
+
+def parse_flags(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init", default="runs/03_pretrain", help="the pretraining run to extend")
+    parser.add_argument("--out", default="runs/04_long_context", help="output folder")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    pre.add_config_flags(parser, LongContextConfig, LongContextConfig())
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ Run it:
 """
 
 import argparse
-import contextlib
+import functools
 import importlib
 import json
 import re
@@ -43,17 +43,17 @@ BENCH_SEED, SHOT_SEED = 10_007, 20_011  # seeds no training data uses (03's synt
 
 @dataclass
 class AnnealConfig:
-    steps: int = 60
+    steps: int = 60  # annealing steps (Llama 3: the last 40M tokens of 15.6T)
     lr: float = 6e-4  # where the linear decay starts; it ends at exactly 0
-    batch_tokens: int = 4096
-    micro_batch: int = 0  # 0 = the whole batch in one forward pass
-    upsample: tuple = (("math", 2.0), ("code", 2.0))  # §3.4.3 upsamples very-high-quality data (math, code)
-    snapshots: int = 4  # checkpoints kept for averaging, evenly spaced over the second half, the last included
-    math_items: int = 100
-    shots: int = 3
-    completion_items: int = 100
-    eval_rows: int = 16
-    seed: int = 4321
+    batch_tokens: int = 4096  # tokens per optimizer step, at the long context length
+    micro_batch: int = 0  # rows per forward pass; 0 = the whole batch in one pass
+    upsample: str = "math=2,code=2"  # §3.4.3 upsamples very-high-quality data: category=factor,...
+    snapshots: int = 4  # checkpoints averaged, evenly spaced over the second half, the last included
+    math_items: int = 100  # GSM8K-like benchmark items (before the contamination check)
+    shots: int = 3  # worked examples before each math question
+    completion_items: int = 100  # held-out completion benchmark items
+    eval_rows: int = 16  # validation rows per source
+    seed: int = 4321  # data order
 
 
 # -----------------------------------------------------------------------------
@@ -87,13 +87,13 @@ def snapshot_steps(steps, n):
 
 def math_benchmark(n):
     """GSM8K-like items (question, answer) from 03's generator, with a seed no training data uses."""
-    return [(q, answer) for q, _, answer in pre.math_problems(n, BENCH_SEED)]
+    return [(q, answer) for q, _, answer in tok.math_problems(n, BENCH_SEED)]
 
 
 def math_prompt(tokenizer, question, shots, max_tokens):
     """Few-shot prompt ids: worked examples (from yet another seed), then the question, keeping as
     many examples as fit in `max_tokens` (a short-context model gets fewer shots)."""
-    examples = [pre.format_problem(*p) for p in pre.math_problems(shots, SHOT_SEED)]
+    examples = [tok.format_problem(*p) for p in tok.math_problems(shots, SHOT_SEED)]
     for k in range(shots, -1, -1):
         ids = tokenizer.encode("".join(e + "\n" for e in examples[:k]) + f"Question: {question}\nAnswer:", bos=True)
         if len(ids) <= max_tokens:
@@ -135,13 +135,13 @@ def annealing_text(shards, tokenizer, sources):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, math_items, completion_items, val, eval_cfg, device, shots=3, batch=25):
+def evaluate(model, tokenizer, math_items, completion_items, val, eval_len, cfg, device, batch=25):
     """Math accuracy, completion exact match and per-token accuracy, and validation loss per source."""
     model.eval()
     correct, answer_room = 0, 24
     for i in range(0, len(math_items), batch):
         chunk = math_items[i:i + batch]
-        prompts = [math_prompt(tokenizer, q, shots, model.args.max_seq_len - answer_room) for q, _ in chunk]
+        prompts = [math_prompt(tokenizer, q, cfg.shots, model.args.max_seq_len - answer_room) for q, _ in chunk]
         outputs = mdl.generate(model, prompts, max_new_tokens=answer_room, stop_tokens=tokenizer.stop_tokens)
         correct += sum(extract_answer(tokenizer.decode(o)) == a for o, (_, a) in zip(outputs, chunk))
     exact, token_hits = 0, 0
@@ -151,7 +151,7 @@ def evaluate(model, tokenizer, math_items, completion_items, val, eval_cfg, devi
         exact += sum(o == t for o, (_, t) in zip(outputs, chunk))
         token_hits += sum(sum(a == b for a, b in zip(o, t)) for o, (_, t) in zip(outputs, chunk))
     n_tokens = sum(len(t) for _, t in completion_items)
-    losses = pre.eval_losses(model, val, eval_cfg, device, contextlib.nullcontext())
+    losses = pre.eval_losses(model, val, cfg.eval_rows, eval_len, cfg.seed, device)
     model.train()
     return {"math_accuracy": correct / max(len(math_items), 1),
             "completion_exact": exact / max(len(completion_items), 1),
@@ -163,26 +163,25 @@ def evaluate(model, tokenizer, math_items, completion_items, val, eval_cfg, devi
 # Annealing
 
 
-def anneal(model, train, weights, cfg, seq_len, device, log, snapshot_at=()):
+def anneal(model, train, weights, cfg, seq_len, device, log=print, snapshot_at=()):
     """`cfg.steps` AdamW steps with the LR going linearly to 0, rows drawn by `weights`. Returns the
     state dicts at `snapshot_at` steps (after their update) and the per-step losses."""
     rows = cfg.batch_tokens // seq_len
     if rows < 1:
         raise ValueError(f"--batch-tokens {cfg.batch_tokens} is smaller than one row of {seq_len} tokens")
-    train_cfg = pre.TrainConfig(seq_len=seq_len, micro_batch=min(cfg.micro_batch or rows, rows), seed=cfg.seed,
-                                lr=cfg.lr)
-    optimizer = pre.make_optimizer(model, train_cfg, fused=device.type == "cuda")
+    size = min(cfg.micro_batch or rows, rows)
+    optimizer = pre.make_optimizer(model, cfg.lr, fused=device.type == "cuda")
+    loss_fn = functools.partial(pre.next_token_loss, doc_mask=True)
     rng = np.random.default_rng(cfg.seed)
     snapshots, losses = [], []
     for step in range(cfg.steps):
         lr = anneal_lr(step, cfg.steps, cfg.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         tokens, doc_ids = pre.sample_batch(train, weights, rows, seq_len + 1, rng)
-        loss, grad_norm = pre.train_step(model, optimizer, tokens, doc_ids, train_cfg,
-                                         max(1, rows // train_cfg.micro_batch), device, contextlib.nullcontext())
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"annealing step {step}: loss {loss}; try a lower --lr")
+        micro_batches = pre.split_micro_batches((tokens, doc_ids), size, max(1, rows // size), device)
+        try:
+            loss, grad_norm = pre.train_step(model, optimizer, micro_batches, loss_fn, lr)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"annealing step {step + 1}: {e}") from None
         losses.append({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm})
         if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
             log(f"anneal step {step + 1:>4}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.2f}")
@@ -193,11 +192,9 @@ def anneal(model, train, weights, cfg, seq_len, device, log, snapshot_at=()):
 
 def anneal_weights(train, upsample):
     """The annealing mix: the paper's category shares with high-quality categories upsampled."""
-    base = pre.mix_weights(train, "paper")
-    factors = dict(upsample)
-    raw = {s: w * factors.get(pre.category_of(s), 1.0) for s, w in base.items()}
-    total = sum(raw.values())
-    return {s: w / total for s, w in raw.items()}
+    factors = pre.parse_mix(upsample)
+    return pre.normalised({s: w * factors.get(pre.category_of(s), 1.0)
+                           for s, w in pre.mix_weights(train, "paper").items()})
 
 
 def probe_source(train, tokenizer, tokenizer_path, probe, folder, log):
@@ -217,12 +214,9 @@ def probe_source(train, tokenizer, tokenizer_path, probe, folder, log):
 
 
 def bar_chart(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     metrics = [("math_accuracy", "GSM8K-like accuracy"), ("completion_token_accuracy", "completion token acc."),
                ("completion_exact", "completion exact match")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = pre.figure(ncols=2, figsize=(11, 3.8))
     width = 0.8 / len(results)
     for k, (name, r) in enumerate(results.items()):
         axes[0].bar(np.arange(len(metrics)) + k * width, [r[m] for m, _ in metrics], width, label=name)
@@ -231,7 +225,7 @@ def bar_chart(results, path):
     axes[0].set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, [label for _, label in metrics], fontsize=8)
     axes[1].set_xticks(np.arange(len(sources)) + 0.4 - width / 2, sources, fontsize=8, rotation=15)
     axes[0].set_title("benchmarks (higher is better)"), axes[1].set_title("validation loss (lower is better)")
-    axes[0].legend(fontsize=8), fig.tight_layout(), fig.savefig(path, dpi=100), plt.close(fig)
+    axes[0].legend(fontsize=8), fig.tight_layout(), fig.savefig(path, dpi=100)
 
 
 def print_table(results, log):
@@ -245,61 +239,39 @@ def print_table(results, log):
         log(f"{'  val loss ' + source:<28}" + "".join(f"{r['val_loss'][source]:>{width}.3f}" for r in results.values()))
 
 
-def parse_args(argv):
-    d = AnnealConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init", default="runs/04_long_context", help="the model to anneal")
-    parser.add_argument("--data-dir", default="runs/03_pretrain/data", help="03's token shards")
-    parser.add_argument("--out", default="runs/05_anneal", help="output folder")
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--lr", type=float, default=d.lr, help="the rate annealing starts from (it ends at 0)")
-    parser.add_argument("--batch-tokens", type=int, default=d.batch_tokens)
-    parser.add_argument("--snapshots", type=int, default=d.snapshots, help="checkpoints averaged at the end")
-    parser.add_argument("--math-items", type=int, default=d.math_items)
-    parser.add_argument("--completion-items", type=int, default=d.completion_items)
-    parser.add_argument("--eval-rows", type=int, default=d.eval_rows)
-    parser.add_argument("--probe", default=None,
-                        help="a source name or a path of new text: anneal an earlier 03 checkpoint with it at 30%%")
-    parser.add_argument("--probe-init", default=None,
-                        help="checkpoint for --probe (default: the earliest ckpt_*.pt kept beside --data-dir)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    return parser.parse_args(argv)
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    cfg = AnnealConfig(steps=args.steps, lr=args.lr, batch_tokens=args.batch_tokens, snapshots=args.snapshots,
-                       math_items=args.math_items, completion_items=args.completion_items, eval_rows=args.eval_rows,
-                       seed=args.seed)
+    flags = parse_flags(argv)
+    cfg = pre.config_from_flags(flags, AnnealConfig())
     if cfg.steps < 2:
         raise ValueError("--steps must be at least 2 (the learning rate decays from its peak to 0)")
-    device = torch.device(pre.pick_device(args.device))
-    data_dir = Path(args.data_dir)
+    device = torch.device(mdl.pick_device(flags.device))
+    data_dir = Path(flags.data_dir)
     if not (data_dir / "meta.json").is_file():
         raise FileNotFoundError(f"{data_dir} (03's token shards) not found: run python 03_pretrain.py first "
                                 f"(or pass --data-dir)")
-    out = Path(args.out)
+    out = Path(flags.out)
     out.mkdir(parents=True, exist_ok=True)
     train, val = pre.TokenShards(data_dir, "train"), pre.TokenShards(data_dir, "val")
     torch.manual_seed(cfg.seed)
-    if args.probe:
-        return run_probe(args, cfg, train, val, device, out)
-
-    init = Path(args.init)
+    if flags.probe:
+        return run_probe(flags, cfg, train, val, device, out)
+    init = Path(flags.init)
     if not (init / "model.pt").is_file():
         raise FileNotFoundError(f"{init / 'model.pt'} not found: run python 04_long_context.py first (or pass --init DIR)")
+    anneal_and_average(init, train, val, cfg, device, out)
+
+
+def anneal_and_average(init, train, val, cfg, device, out):
+    """§3.4.3 on 04's model: anneal, average the snapshots, compare 04 / last / average, save the base model."""
     tokenizer = tok.Tokenizer.load(init / "tokenizer.model")
     model, args_04 = mdl.load_checkpoint(init, mmap=False)
     model = model.to(device)
     seq_len = args_04.max_seq_len  # §3.4.3: annealing runs at the long context length
-
     weights = anneal_weights(train, cfg.upsample)
     print("annealing mix: " + ", ".join(f"{s} {w:.1%}" for s, w in weights.items()))
     math_items, completion_items = benchmarks(train, val, tokenizer, cfg, list(weights), print)
-    eval_cfg = pre.TrainConfig(seq_len=min(seq_len, 256), eval_rows=cfg.eval_rows, seed=cfg.seed)
-
-    evaluate_now = lambda: evaluate(model, tokenizer, math_items, completion_items, val, eval_cfg, device, cfg.shots)
+    evaluate_now = functools.partial(evaluate, model, tokenizer, math_items, completion_items, val, min(seq_len, 256),
+                                     cfg, device)
     results = {"04 model": evaluate_now()}
     t0 = time.time()
     at = snapshot_steps(cfg.steps, cfg.snapshots)
@@ -307,14 +279,12 @@ def main(argv=None):
     print(f"annealed {cfg.steps} steps at {seq_len} tokens in {time.time() - t0:.0f} s; averaging snapshots "
           f"after steps {[s + 1 for s in at]}")
     results["annealed (last)"] = evaluate_now()
-    last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    mdl.save_checkpoint(out / "last.pt", model)
     model.load_state_dict(average_state_dicts(snapshots))
     results["averaged"] = evaluate_now()
     print_table(results, print)
-
-    mdl.atomic_save({"model": model.state_dict(), "args": asdict(args_04), "averaged_steps": [s + 1 for s in at]},
-                    out / "model.pt")  # the averaged model is the final pre-trained ("base") model
-    mdl.atomic_save({"model": last_state, "args": asdict(args_04)}, out / "last.pt")
+    # the averaged model is the final pre-trained ("base") model
+    mdl.save_checkpoint(out / "model.pt", model, averaged_steps=[s + 1 for s in at])
     tokenizer.save(out / "tokenizer.model")
     with open(out / "log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in losses)
@@ -337,41 +307,52 @@ def benchmarks(train, val, tokenizer, cfg, sources, log):
     return math_items, completion_items
 
 
-def run_probe(args, cfg, train, val, device, out):
+def run_probe(flags, cfg, train, val, device, out):
     """§3.1.3: anneal a half-trained model with 30% candidate data, and a 0% control, then compare."""
-    if args.probe_init:
-        ckpt_path = Path(args.probe_init)
+    if flags.probe_init:
+        ckpt_path = Path(flags.probe_init)
     else:
-        run_03 = Path(args.data_dir).parent  # the pretraining run the shards belong to
+        run_03 = Path(flags.data_dir).parent  # the pretraining run the shards belong to
         kept = pre.checkpoints(run_03)
         if not kept:
             raise FileNotFoundError(f"no {run_03}/ckpt_*.pt to probe from: run python 03_pretrain.py first "
                                     f"(or pass --probe-init PATH)")
         ckpt_path = kept[0]  # the earliest kept checkpoint: a partly trained model
-    tokenizer_path = Path(args.data_dir).parent / "tokenizer.model"
+    tokenizer_path = Path(flags.data_dir).parent / "tokenizer.model"
     tokenizer = tok.Tokenizer.load(tokenizer_path)
-    train, source = probe_source(train, tokenizer, tokenizer_path, args.probe, out / "probe_data", print)
-    base = {s: w for s, w in pre.mix_weights(train, "paper").items() if s != source}
-    total = sum(base.values())
-    base = {s: w / total for s, w in base.items()}
+    train, source = probe_source(train, tokenizer, tokenizer_path, flags.probe, out / "probe_data", print)
+    base = pre.normalised({s: w for s, w in pre.mix_weights(train, "paper").items() if s != source})
     candidate = {**{s: 0.7 * w for s, w in base.items()}, source: 0.3}
     seq_len = mdl.load_checkpoint(ckpt_path)[1].max_seq_len  # memory-mapped: only the args are read
     math_items, completion_items = benchmarks(train, val, tokenizer, cfg, list(candidate), print)
-    eval_cfg = pre.TrainConfig(seq_len=seq_len, eval_rows=cfg.eval_rows, seed=cfg.seed)
     results = {}
     for name, weights in [("control (0%)", base), (f"{source} at 30%", candidate)]:
         model, _ = mdl.load_checkpoint(ckpt_path, mmap=False)
         model = model.to(device)
         print(f"\nannealing {ckpt_path} on: " + ", ".join(f"{s} {w:.0%}" for s, w in weights.items() if w))
         anneal(model, train, weights, cfg, seq_len, device, print)
-        results[name] = evaluate(model, tokenizer, math_items, completion_items, val, eval_cfg, device, cfg.shots)
+        results[name] = evaluate(model, tokenizer, math_items, completion_items, val, seq_len, cfg, device)
     print_table(results, print)
     control, probe = results.values()
     gains = {k: probe[k] - control[k] for k in ("math_accuracy", "completion_exact", "completion_token_accuracy",
                                                   "val_loss_mean")}
     print("gain over the control: " + ", ".join(f"{k} {v:+.3f}" for k, v in gains.items()))
-    (out / "probe.json").write_text(json.dumps({"probe": args.probe, "from": str(ckpt_path), "results": results,
+    (out / "probe.json").write_text(json.dumps({"probe": flags.probe, "from": str(ckpt_path), "results": results,
                                                  "gain": gains}, indent=2))
+
+
+def parse_flags(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init", default="runs/04_long_context", help="the model to anneal")
+    parser.add_argument("--data-dir", default="runs/03_pretrain/data", help="03's token shards")
+    parser.add_argument("--out", default="runs/05_anneal", help="output folder")
+    parser.add_argument("--probe", default=None,
+                        help="a source name or a path of new text: anneal an earlier 03 checkpoint with it at 30%%")
+    parser.add_argument("--probe-init", default=None,
+                        help="checkpoint for --probe (default: the earliest ckpt_*.pt kept beside --data-dir)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    pre.add_config_flags(parser, AnnealConfig, AnnealConfig())
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

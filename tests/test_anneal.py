@@ -8,6 +8,7 @@ import torch
 
 an = importlib.import_module("05_anneal")
 pre = importlib.import_module("03_pretrain")
+tok = importlib.import_module("01_tokenizer")
 
 
 def test_lr_decays_linearly_to_exactly_zero():
@@ -49,7 +50,7 @@ def test_math_benchmark_is_fixed_and_few_shot(pretrained):
     _, tokenizer = pretrained
     items = an.math_benchmark(20)
     assert items == an.math_benchmark(20)
-    q, _, a = pre.math_problems(1, an.BENCH_SEED)[0]
+    q, _, a = tok.math_problems(1, an.BENCH_SEED)[0]
     assert items[0] == (q, a)
     full = tokenizer.decode(an.math_prompt(tokenizer, q, 3, 10_000))
     assert full.count("Question:") == 4 and full.endswith(f"Question: {q}\nAnswer:")
@@ -94,7 +95,7 @@ def test_anneal_end_to_end_and_no_benchmark_item_in_the_annealing_data(long_cont
 def test_probe_with_new_data(pretrained, long_context, tmp_path, capsys):
     folder, _ = pretrained
     data = tmp_path / "math.jsonl"
-    data.write_text("\n".join(json.dumps({"text": pre.format_problem(*p)}) for p in pre.math_problems(400, 99)))
+    data.write_text("\n".join(json.dumps({"text": tok.format_problem(*p)}) for p in tok.math_problems(400, 99)))
     an.main(["--probe", str(data), "--probe-init", str(long_context / "model.pt"),
              "--data-dir", str(folder / "03" / "data"), "--out", str(tmp_path / "05"), "--steps", "6",
              "--batch-tokens", "512", "--math-items", "8", "--completion-items", "8", "--eval-rows", "4",

@@ -104,8 +104,8 @@ def test_quality_classifier_separates_good_from_bad_on_held_out_text(tokenizer, 
 
 
 def test_synthetic_math_is_deterministic_and_correct():
-    problems = pre.math_problems(300, seed=7)
-    assert problems == pre.math_problems(300, seed=7) and problems != pre.math_problems(300, seed=8)
+    problems = tok.math_problems(300, seed=7)
+    assert problems == tok.math_problems(300, seed=7) and problems != tok.math_problems(300, seed=8)
     for question, working, answer in problems:
         steps = re.findall(r"(\d+) ([+\-x/]) (\d+) = (\d+)", working)
         assert steps, working
@@ -113,9 +113,9 @@ def test_synthetic_math_is_deterministic_and_correct():
             a, b, c = int(a), int(b), int(c)
             assert {"+": a + b, "-": a - b, "x": a * b, "/": a / b}[op] == c
         assert int(steps[-1][3]) == answer >= 0
-    text = pre.format_problem(*problems[0])
+    text = tok.format_problem(*problems[0])
     assert text.startswith("Question: ") and text.rstrip().endswith(f"The answer is {problems[0][2]}.")
-    docs = pre.math_documents(60, seed=1, per_document=25)
+    docs = tok.math_documents(60, seed=1, per_document=25)
     assert [d.text.count("Question:") for d in docs] == [25, 25, 10] and docs[0].source == "synthetic_math"
 
 

@@ -142,15 +142,15 @@ def test_data_fingerprint_changes_when_a_file_changes(tmp_path):
     data = tmp_path / "data"
     (data / "poems").mkdir(parents=True)
     (data / "poems" / "a.txt").write_text("one\n")
-    first = pre.data_fingerprint(data)
-    assert pre.data_fingerprint(data) == first
+    first = tok.data_fingerprint(data)
+    assert tok.data_fingerprint(data) == first
     (data / "poems" / "a.txt").write_text("one, edited\n")  # the cached shards of --data are stale now
-    edited = pre.data_fingerprint(data)
+    edited = tok.data_fingerprint(data)
     (data / "poems" / "b.md").write_text("two\n")
-    added = pre.data_fingerprint(data)
+    added = tok.data_fingerprint(data)
     (data / "notes.bin").write_bytes(b"\0")  # not a text file: not read, so not part of the key
-    assert len({first, edited, added}) == 3 and pre.data_fingerprint(data) == added
-    assert pre.data_fingerprint(data / "poems" / "a.txt") != pre.data_fingerprint(data / "poems" / "b.md")
+    assert len({first, edited, added}) == 3 and tok.data_fingerprint(data) == added
+    assert tok.data_fingerprint(data / "poems" / "a.txt") != tok.data_fingerprint(data / "poems" / "b.md")
 
 
 def test_each_rank_takes_its_slice_of_the_global_batch(setup, tmp_path):
@@ -329,26 +329,26 @@ def test_download_resumes_a_broken_transfer(server, tmp_path):
     dest = tmp_path / "cache" / "big.bin"
     dest.parent.mkdir()
     (tmp_path / "cache" / "big.bin.part").write_bytes(payload[:123_456])  # an earlier, broken download
-    pre.download(url + "big.bin", dest, log=lambda *a, **k: None)
+    tok.download(url + "big.bin", dest, log=lambda *a, **k: None)
     assert dest.read_bytes() == payload and not (tmp_path / "cache" / "big.bin.part").exists()
     assert RangeHandler.requests == [("/big.bin", "bytes=123456-")]
-    pre.download(url + "big.bin", dest, log=lambda *a, **k: None)  # cached: no second request
+    tok.download(url + "big.bin", dest, log=lambda *a, **k: None)  # cached: no second request
     assert len(RangeHandler.requests) == 1
 
 
 def test_tinystories_download_parse_and_train(server, setup, tmp_path):
     root, url = server
     stories = [f"Once upon a time, story {i} had a {w} and a {w}." for i, w in enumerate(WORDS * 3)]
-    for name in pre.DATASETS["tinystories"]["files"]:
+    for name in tok.DATASETS["tinystories"]["files"]:
         (root / name).write_text("\n<|endoftext|>\n".join(stories) + "\n<|endoftext|>\n")
-    docs = list(pre.dataset_documents("tinystories", tmp_path / "cache", url, log=lambda *a, **k: None)())
+    docs = list(tok.dataset_documents("tinystories", tmp_path / "cache", url, log=lambda *a, **k: None)())
     assert [d.text for d in docs[:len(stories)]] == stories and {d.source for d in docs} == {"tinystories"}
     argv = tiny_argv(setup, tmp_path / "run", "--steps", "2", "--dataset", "tinystories", "--mirror", url)
     argv.remove("--data"), argv.remove(str(setup / "data"))
     pre.main(argv)
     assert (tmp_path / "run" / "model.pt").is_file()
     with pytest.raises(ValueError, match="unknown --dataset"):
-        pre.dataset_documents("c4", tmp_path, url)
+        tok.dataset_documents("c4", tmp_path, url)
 
 
 def test_parquet_documents(tmp_path):
