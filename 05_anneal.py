@@ -38,7 +38,7 @@ tok = importlib.import_module("01_tokenizer")  # file names start with a digit
 mdl = importlib.import_module("02_model")
 pre = importlib.import_module("03_pretrain")
 
-BENCH_SEED, SHOT_SEED = 10_007, 20_011  # seeds no training data uses (03's synthetic math uses 0)
+BENCH_SEED, SHOT_SEED = 10_007, 20_011  # seeds no training data uses (03 adds synthetic math with seed 0)
 
 
 @dataclass
@@ -53,6 +53,7 @@ class AnnealConfig:
     shots: int = 3  # worked examples before each math question
     completion_items: int = 100  # held-out completion benchmark items
     eval_rows: int = 16  # validation rows per source
+    ckpt_every: int = 20  # steps between checkpoints (--resume continues from the last)
     seed: int = 4321  # data order
 
 
@@ -65,15 +66,39 @@ def anneal_lr(step, steps, peak):
     return peak * (steps - 1 - step) / max(steps - 1, 1)
 
 
+class PolyakAverage:
+    """The element-wise mean of snapshots of one model (Polyak averaging, §3.4.3): averaging nearby
+    points of a low-learning-rate trajectory lands nearer the basin's centre. Kept as a running
+    float32 sum, so it costs one extra copy of the weights however many snapshots are taken, and a
+    checkpoint can carry it."""
+
+    def __init__(self, total=None, count=0):
+        self.total, self.count = total, count
+
+    def add(self, state_dict):
+        if self.total is None:
+            self.total = {k: v.detach().float().clone() for k, v in state_dict.items()}
+            self.dtypes = {k: v.dtype for k, v in state_dict.items()}
+        elif state_dict.keys() != self.total.keys():
+            raise ValueError("checkpoints to average must come from the same model (different parameter names)")
+        else:
+            for k, v in state_dict.items():
+                self.total[k] += v.detach().float()
+        self.count += 1
+
+    def average(self, dtypes=None):
+        if not self.count:
+            raise ValueError("nothing to average")
+        dtypes = dtypes or getattr(self, "dtypes", {})
+        return {k: (v / self.count).to(dtypes.get(k, v.dtype)) for k, v in self.total.items()}
+
+
 def average_state_dicts(state_dicts):
-    """The element-wise mean of several checkpoints of one model (Polyak averaging, §3.4.3):
-    averaging nearby points of a low-learning-rate trajectory lands nearer the basin's centre."""
-    if not state_dicts:
-        raise ValueError("nothing to average")
-    keys = state_dicts[0].keys()
-    if any(sd.keys() != keys for sd in state_dicts):
-        raise ValueError("checkpoints to average must come from the same model (different parameter names)")
-    return {k: torch.stack([sd[k].float() for sd in state_dicts]).mean(0).to(state_dicts[0][k].dtype) for k in keys}
+    """The element-wise mean of several checkpoints of one model."""
+    average = PolyakAverage()
+    for sd in state_dicts:
+        average.add(sd)
+    return average.average()
 
 
 def snapshot_steps(steps, n):
@@ -86,7 +111,7 @@ def snapshot_steps(steps, n):
 
 
 def math_benchmark(n):
-    """GSM8K-like items (question, answer) from 03's generator, with a seed no training data uses."""
+    """GSM8K-like items (question, answer) from 01's generator, with a seed no training data uses."""
     return [(q, answer) for q, _, answer in tok.math_problems(n, BENCH_SEED)]
 
 
@@ -98,7 +123,7 @@ def math_prompt(tokenizer, question, shots, max_tokens):
         ids = tokenizer.encode("".join(e + "\n" for e in examples[:k]) + f"Question: {question}\nAnswer:", bos=True)
         if len(ids) <= max_tokens:
             return ids
-    raise ValueError(f"the question alone is longer than {max_tokens} tokens: {question!r}")
+    raise tok.UserError(f"the question alone is longer than {max_tokens} tokens: {question!r}")
 
 
 def extract_answer(completion):
@@ -163,18 +188,27 @@ def evaluate(model, tokenizer, math_items, completion_items, val, eval_len, cfg,
 # Annealing
 
 
-def anneal(model, train, weights, cfg, seq_len, device, log=print, snapshot_at=()):
-    """`cfg.steps` AdamW steps with the LR going linearly to 0, rows drawn by `weights`. Returns the
-    state dicts at `snapshot_at` steps (after their update) and the per-step losses."""
+def anneal(model, train, weights, cfg, seq_len, device, log=print, snapshot_at=(), out=None, resume_from=None,
+           extra=None):
+    """`cfg.steps` AdamW steps with the LR going linearly to 0, rows drawn by `weights`; the weights
+    after each step in `snapshot_at` go into a PolyakAverage, which is returned. With `out`, each
+    step is logged to `out`/log.jsonl and every cfg.ckpt_every steps (and after the last) `out`/ckpt.pt
+    holds what resuming needs, plus `extra`; `resume_from` is such a checkpoint, loaded."""
     rows = cfg.batch_tokens // seq_len
     if rows < 1:
-        raise ValueError(f"--batch-tokens {cfg.batch_tokens} is smaller than one row of {seq_len} tokens")
+        raise tok.UserError(f"--batch-tokens {cfg.batch_tokens} is smaller than one row of {seq_len} tokens")
     size = min(cfg.micro_batch or rows, rows)
     optimizer = pre.make_optimizer(model, cfg.lr, fused=device.type == "cuda")
     loss_fn = functools.partial(pre.next_token_loss, doc_mask=True)
-    rng = np.random.default_rng(cfg.seed)
-    snapshots, losses = [], []
-    for step in range(cfg.steps):
+    rng, average, start = np.random.default_rng(cfg.seed), PolyakAverage(), 0
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        rng.bit_generator.state = resume_from["rng"]
+        average = PolyakAverage(resume_from["average_sum"], resume_from["average_count"])
+        start = resume_from["step"]
+    log_file = open(out / "log.jsonl", "a") if out else None
+    for step in range(start, cfg.steps):
         lr = anneal_lr(step, cfg.steps, cfg.lr)
         tokens, doc_ids = pre.sample_batch(train, weights, rows, seq_len + 1, rng)
         micro_batches = pre.split_micro_batches((tokens, doc_ids), size, max(1, rows // size), device)
@@ -182,17 +216,38 @@ def anneal(model, train, weights, cfg, seq_len, device, log=print, snapshot_at=(
             loss, grad_norm = pre.train_step(model, optimizer, micro_batches, loss_fn, lr)
         except FloatingPointError as e:
             raise FloatingPointError(f"annealing step {step + 1}: {e}") from None
-        losses.append({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm})
+        if log_file:
+            log_file.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm}) + "\n")
+            log_file.flush()
         if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
             log(f"anneal step {step + 1:>4}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.2f}")
         if step in snapshot_at:
-            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    return snapshots, losses
+            average.add(model.state_dict())
+        if out and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
+            mdl.save_checkpoint(out / "ckpt.pt", model, optimizer=optimizer.state_dict(), step=step + 1,
+                                rng=rng.bit_generator.state, average_sum=average.total,
+                                average_count=average.count, config=asdict(cfg), **(extra or {}))
+            log(f"saved {out / 'ckpt.pt'} at step {step + 1}")
+    if log_file:
+        log_file.close()
+    return average
+
+
+def parse_factors(text):
+    """--upsample "math=2,code=2": a factor per mix category (general, math, code, multilingual)."""
+    try:
+        factors = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise tok.UserError(f"--upsample {text!r}: expected category=factor,... (e.g. math=2,code=2)") from None
+    unknown = set(factors) - set(pre.PAPER_MIX)
+    if unknown or any(f < 0 for f in factors.values()):
+        raise tok.UserError(f"--upsample {text!r}: categories are {', '.join(pre.PAPER_MIX)}, factors >= 0")
+    return factors
 
 
 def anneal_weights(train, upsample):
     """The annealing mix: the paper's category shares with high-quality categories upsampled."""
-    factors = pre.parse_mix(upsample)
+    factors = parse_factors(upsample)
     return pre.normalised({s: w * factors.get(pre.category_of(s), 1.0)
                            for s, w in pre.mix_weights(train, "paper").items()})
 
@@ -202,7 +257,7 @@ def probe_source(train, tokenizer, tokenizer_path, probe, folder, log):
     if probe in train.sources:
         return train, probe
     if not Path(probe).exists():
-        raise ValueError(f"--probe {probe!r} is neither a source of the shards ({', '.join(train.sources)}) "
+        raise tok.UserError(f"--probe {probe!r} is neither a source of the shards ({', '.join(train.sources)}) "
                          f"nor an existing file or folder")
     documents = lambda: ((replace(d, source="probe")) for d in tok.iter_documents(probe))
     pre.prepare_shards(documents, tokenizer, tokenizer_path, folder, f"probe:{Path(probe).resolve()}", log)
@@ -225,7 +280,7 @@ def bar_chart(results, path):
     axes[0].set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, [label for _, label in metrics], fontsize=8)
     axes[1].set_xticks(np.arange(len(sources)) + 0.4 - width / 2, sources, fontsize=8, rotation=15)
     axes[0].set_title("benchmarks (higher is better)"), axes[1].set_title("validation loss (lower is better)")
-    axes[0].legend(fontsize=8), fig.tight_layout(), fig.savefig(path, dpi=100)
+    axes[0].legend(fontsize=8), pre.save_figure(fig, path)
 
 
 def print_table(results, log):
@@ -243,11 +298,12 @@ def main(argv=None):
     flags = parse_flags(argv)
     cfg = pre.config_from_flags(flags, AnnealConfig())
     if cfg.steps < 2:
-        raise ValueError("--steps must be at least 2 (the learning rate decays from its peak to 0)")
+        raise tok.UserError("--steps must be at least 2 (the learning rate decays from its peak to 0)")
+    parse_factors(cfg.upsample)  # a bad value is reported now, not after loading everything
     device = torch.device(mdl.pick_device(flags.device))
     data_dir = Path(flags.data_dir)
     if not (data_dir / "meta.json").is_file():
-        raise FileNotFoundError(f"{data_dir} (03's token shards) not found: run python 03_pretrain.py first "
+        raise tok.UserError(f"{data_dir} (03's token shards) not found: run python 03_pretrain.py first "
                                 f"(or pass --data-dir)")
     out = Path(flags.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,12 +313,16 @@ def main(argv=None):
         return run_probe(flags, cfg, train, val, device, out)
     init = Path(flags.init)
     if not (init / "model.pt").is_file():
-        raise FileNotFoundError(f"{init / 'model.pt'} not found: run python 04_long_context.py first (or pass --init DIR)")
-    anneal_and_average(init, train, val, cfg, device, out)
+        raise tok.UserError(f"{init / 'model.pt'} not found: run python 04_long_context.py first (or pass --init DIR)")
+    anneal_and_average(init, train, val, cfg, device, out, flags.resume)
 
 
-def anneal_and_average(init, train, val, cfg, device, out):
-    """§3.4.3 on 04's model: anneal, average the snapshots, compare 04 / last / average, save the base model."""
+def anneal_and_average(init, train, val, cfg, device, out, resume=False):
+    """§3.4.3 on 04's model: anneal, average the snapshots, compare 04 / last / average, save the
+    base model. An interrupted run resumes at its last checkpoint; evaluations rerun."""
+    state = pre.claim_run_folder(out, resume)
+    if state == "finished":
+        return print(f"{out} already holds the finished run: nothing to resume")
     tokenizer = tok.Tokenizer.load(init / "tokenizer.model")
     model, args_04 = mdl.load_checkpoint(init, mmap=False)
     model = model.to(device)
@@ -270,29 +330,38 @@ def anneal_and_average(init, train, val, cfg, device, out):
     weights = anneal_weights(train, cfg.upsample)
     print("annealing mix: " + ", ".join(f"{s} {w:.1%}" for s, w in weights.items()))
     math_items, completion_items = benchmarks(train, val, tokenizer, cfg, list(weights), print)
-    evaluate_now = functools.partial(evaluate, model, tokenizer, math_items, completion_items, val, min(seq_len, 256),
-                                     cfg, device)
-    results = {"04 model": evaluate_now()}
-    t0 = time.time()
-    at = snapshot_steps(cfg.steps, cfg.snapshots)
-    snapshots, losses = anneal(model, train, weights, cfg, seq_len, device, print, snapshot_at=at)
+    short = min(seq_len, 256)  # validation loss at 03's CPU length, comparable across chapters
+    evaluate_now = functools.partial(evaluate, model, tokenizer, math_items, completion_items, val, short, cfg, device)
+    ckpt = resume_checkpoint(out, cfg) if state == "interrupted" else None
+    results = ckpt["results"] if ckpt else {"04 model": evaluate_now()}
+    pre.truncate_log(out / "log.jsonl", lambda r: r["step"] <= (ckpt["step"] if ckpt else 0))
+    t0, at = time.time(), snapshot_steps(cfg.steps, cfg.snapshots)
+    average = anneal(model, train, weights, cfg, seq_len, device, print, at, out, ckpt, extra={"results": results})
     print(f"annealed {cfg.steps} steps at {seq_len} tokens in {time.time() - t0:.0f} s; averaging snapshots "
           f"after steps {[s + 1 for s in at]}")
     results["annealed (last)"] = evaluate_now()
     mdl.save_checkpoint(out / "last.pt", model)
-    model.load_state_dict(average_state_dicts(snapshots))
+    model.load_state_dict(average.average())
     results["averaged"] = evaluate_now()
     print_table(results, print)
+    bar_chart(results, out / "benchmarks.png")
+    tokenizer.save(out / "tokenizer.model")
+    tok.atomic_write_text(out / "metrics.json", json.dumps({
+        "config": asdict(cfg), "mix": weights, "results": results,
+        "benchmark_items": {"math": len(math_items), "completion": len(completion_items)}}, indent=2))
     # the averaged model is the final pre-trained ("base") model
     mdl.save_checkpoint(out / "model.pt", model, averaged_steps=[s + 1 for s in at])
-    tokenizer.save(out / "tokenizer.model")
-    with open(out / "log.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in losses)
-    bar_chart(results, out / "benchmarks.png")
-    (out / "metrics.json").write_text(json.dumps({"config": asdict(cfg), "mix": weights, "results": results,
-                                                   "benchmark_items": {"math": len(math_items),
-                                                                       "completion": len(completion_items)}}, indent=2))
+    (out / "ckpt.pt").unlink(missing_ok=True)
     print(f"wrote {out / 'model.pt'} (the averaged base model), last.pt, benchmarks.png, metrics.json")
+
+
+def resume_checkpoint(out, cfg):
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    if ckpt["config"] != asdict(cfg):
+        raise tok.UserError(f"{out / 'ckpt.pt'} was written with another configuration; resume with the same "
+                            f"flags, or start again with another --out")
+    print(f"resumed from {out / 'ckpt.pt'} at step {ckpt['step']}")
+    return ckpt
 
 
 def benchmarks(train, val, tokenizer, cfg, sources, log):
@@ -315,7 +384,7 @@ def run_probe(flags, cfg, train, val, device, out):
         run_03 = Path(flags.data_dir).parent  # the pretraining run the shards belong to
         kept = pre.checkpoints(run_03)
         if not kept:
-            raise FileNotFoundError(f"no {run_03}/ckpt_*.pt to probe from: run python 03_pretrain.py first "
+            raise tok.UserError(f"no {run_03}/ckpt_*.pt to probe from: run python 03_pretrain.py first "
                                     f"(or pass --probe-init PATH)")
         ckpt_path = kept[0]  # the earliest kept checkpoint: a partly trained model
     tokenizer_path = Path(flags.data_dir).parent / "tokenizer.model"
@@ -337,12 +406,12 @@ def run_probe(flags, cfg, train, val, device, out):
     gains = {k: probe[k] - control[k] for k in ("math_accuracy", "completion_exact", "completion_token_accuracy",
                                                   "val_loss_mean")}
     print("gain over the control: " + ", ".join(f"{k} {v:+.3f}" for k, v in gains.items()))
-    (out / "probe.json").write_text(json.dumps({"probe": flags.probe, "from": str(ckpt_path), "results": results,
+    tok.atomic_write_text(out / "probe.json", json.dumps({"probe": flags.probe, "from": str(ckpt_path), "results": results,
                                                  "gain": gains}, indent=2))
 
 
 def parse_flags(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tok.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", default="runs/04_long_context", help="the model to anneal")
     parser.add_argument("--data-dir", default="runs/03_pretrain/data", help="03's token shards")
     parser.add_argument("--out", default="runs/05_anneal", help="output folder")
@@ -351,9 +420,10 @@ def parse_flags(argv):
     parser.add_argument("--probe-init", default=None,
                         help="checkpoint for --probe (default: the earliest ckpt_*.pt kept beside --data-dir)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     pre.add_config_flags(parser, AnnealConfig, AnnealConfig())
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main()
+    tok.run_main(main)

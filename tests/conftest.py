@@ -51,13 +51,16 @@ def pretrained(tmp_path_factory, corpus, tokmod):
     return folder, tokenizer
 
 
+def long_context_argv(folder, out):
+    return ["--init", str(folder / "03"), "--out", str(out), "--stages", "96,128", "--steps-per-stage", "25",
+            "--extra-steps", "0", "--batch-tokens", "1024", "--lr", "2e-3", "--niah-trials", "2", "--eval-rows", "4",
+            "--device", "cpu"]
+
+
 @pytest.fixture(scope="session")
 def long_context(pretrained, tmp_path_factory):
     """04 run on `pretrained`: 64 -> 96 -> 128 tokens."""
     folder, _ = pretrained
     out = tmp_path_factory.mktemp("lc04") / "04"
-    importlib.import_module("04_long_context").main(
-        ["--init", str(folder / "03"), "--out", str(out), "--stages", "96,128", "--steps-per-stage", "25",
-         "--extra-steps", "0", "--batch-tokens", "1024", "--lr", "2e-3", "--niah-trials", "2", "--eval-rows", "4",
-         "--device", "cpu"])
+    importlib.import_module("04_long_context").main(long_context_argv(folder, out))
     return out

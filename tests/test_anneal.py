@@ -2,6 +2,10 @@
 hand-made cases, no benchmark item in the annealing data, and the chapter end to end."""
 import importlib
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ import torch
 an = importlib.import_module("05_anneal")
 pre = importlib.import_module("03_pretrain")
 tok = importlib.import_module("01_tokenizer")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_lr_decays_linearly_to_exactly_zero():
@@ -56,7 +61,7 @@ def test_math_benchmark_is_fixed_and_few_shot(pretrained):
     assert full.count("Question:") == 4 and full.endswith(f"Question: {q}\nAnswer:")
     short = an.math_prompt(tokenizer, q, 3, 120)  # fewer shots when the context is short
     assert len(short) <= 120 and tokenizer.decode(short).endswith(f"Question: {q}\nAnswer:")
-    with pytest.raises(ValueError, match="longer than 5 tokens"):
+    with pytest.raises(tok.UserError, match="longer than 5 tokens"):
         an.math_prompt(tokenizer, q, 3, 5)
 
 
@@ -66,12 +71,23 @@ def test_contamination_filter_drops_items_found_in_the_data():
     assert kept == [items[1]] and dropped == 1
 
 
-def test_anneal_end_to_end_and_no_benchmark_item_in_the_annealing_data(long_context, pretrained, tmp_path, capsys):
+def anneal_argv(long_context, pretrained, out):
+    folder, _ = pretrained
+    return ["--init", str(long_context), "--data-dir", str(folder / "03" / "data"), "--out", str(out),
+            "--steps", "12", "--batch-tokens", "512", "--snapshots", "3", "--math-items", "10",
+            "--completion-items", "10", "--eval-rows", "4", "--ckpt-every", "5", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def annealed(long_context, pretrained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("anneal") / "05"
+    an.main(anneal_argv(long_context, pretrained, out))
+    return out
+
+
+def test_anneal_end_to_end_and_no_benchmark_item_in_the_annealing_data(annealed, pretrained):
     folder, tokenizer = pretrained
-    out = tmp_path / "05"
-    an.main(["--init", str(long_context), "--data-dir", str(folder / "03" / "data"), "--out", str(out),
-             "--steps", "12", "--batch-tokens", "512", "--snapshots", "3", "--math-items", "10",
-             "--completion-items", "10", "--eval-rows", "4", "--device", "cpu"])
+    out = annealed
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["results"]) == ["04 model", "annealed (last)", "averaged"]
     for r in metrics["results"].values():
@@ -80,7 +96,7 @@ def test_anneal_end_to_end_and_no_benchmark_item_in_the_annealing_data(long_cont
     assert len(log) == 12 and log[-1]["lr"] == 0.0
     saved = torch.load(out / "model.pt", weights_only=True)
     assert saved["averaged_steps"] == [6, 9, 12] and saved["args"]["max_seq_len"] == 128
-    assert (out / "benchmarks.png").stat().st_size > 1000 and "contamination check" in capsys.readouterr().out
+    assert (out / "benchmarks.png").stat().st_size > 1000 and not (out / "ckpt.pt").exists()
     # the check itself: rebuild the benchmarks and search every item in the annealing data
     train = pre.TokenShards(folder / "03" / "data", "train")
     val = pre.TokenShards(folder / "03" / "data", "val")
@@ -90,6 +106,29 @@ def test_anneal_end_to_end_and_no_benchmark_item_in_the_annealing_data(long_cont
     text = an.annealing_text(train, tokenizer, list(weights))
     assert completion_items and all(tokenizer.decode(p + t) not in text for p, t in completion_items)
     assert math_items and all(q not in text for q, _ in math_items)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_run(annealed, long_context, pretrained, tmp_path):
+    """kill -9 just after the checkpoint at step 5, then --resume: the same losses, the same base model."""
+    out = tmp_path / "05"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "05_anneal.py"), *anneal_argv(long_context, pretrained, out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
+    for line in proc.stdout:
+        if line.startswith("saved") and line.rstrip().endswith("step 5"):
+            proc.kill()
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    with pytest.raises(tok.UserError, match="--resume"):
+        an.main(anneal_argv(long_context, pretrained, out))  # an interrupted run is never overwritten
+    an.main(anneal_argv(long_context, pretrained, out) + ["--resume"])
+    log = lambda folder: [json.loads(line) for line in open(folder / "log.jsonl")]
+    assert log(out) == log(annealed)
+    for name in ("model.pt", "last.pt"):
+        ours, theirs = (torch.load(folder / name, weights_only=True)["model"] for folder in (out, annealed))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    results = lambda folder: json.loads((folder / "metrics.json").read_text())["results"]
+    assert results(out) == results(annealed)
 
 
 def test_probe_with_new_data(pretrained, long_context, tmp_path, capsys):
@@ -108,10 +147,10 @@ def test_probe_with_new_data(pretrained, long_context, tmp_path, capsys):
 
 def test_bad_input(tmp_path, pretrained):
     folder, _ = pretrained
-    with pytest.raises(FileNotFoundError, match="run python 03_pretrain.py first"):
+    with pytest.raises(tok.UserError, match="run python 03_pretrain.py first"):
         an.main(["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
-    with pytest.raises(FileNotFoundError, match="run python 04_long_context.py first"):
+    with pytest.raises(tok.UserError, match="run python 04_long_context.py first"):
         an.main(["--init", str(tmp_path / "none"), "--data-dir", str(folder / "03" / "data"), "--out", str(tmp_path / "o")])
-    with pytest.raises(ValueError, match="neither a source"):
+    with pytest.raises(tok.UserError, match="neither a source"):
         an.main(["--probe", "nonsense", "--probe-init", str(sorted((folder / "03").glob("ckpt_*.pt"))[0]),
                  "--data-dir", str(folder / "03" / "data"), "--out", str(tmp_path / "o")])

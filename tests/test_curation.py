@@ -134,7 +134,7 @@ def test_curate_reports_each_step_and_removes_what_it_should(tokenizer, corpus):
         assert a["docs_out"] == b["docs_in"] and a["tokens_out"] == b["tokens_in"]
     assert report[0]["docs_in"] == 33 and report[-1]["docs_out"] == len(kept)
     assert sum(r["per_source"]["bible"]["docs_in"] - r["per_source"]["bible"]["docs_out"] for r in report) >= 3
-    with pytest.raises(ValueError, match="removed every document"):
+    with pytest.raises(tok.UserError, match="removed every document"):
         pre.curate([Doc("web", "x", "tiny")], tokenizer, log=lambda *a: None)
 
 
@@ -157,6 +157,6 @@ def test_main_curates_mixes_and_writes_the_report(tmp_path, corpus):
     assert report["steps"][0]["per_source"]["shakespeare"]["docs_in"] > report["steps"][0]["per_source"]["shakespeare"]["docs_out"]
     assert set(report["mix"]) == {"shakespeare", "python_docs", "synthetic_math"}
     assert report["mix"]["synthetic_math"] == pytest.approx(25 / 75)  # math 25 of (general 50 + math 25)
-    with pytest.raises(ValueError, match="expected paper, natural"):
+    with pytest.raises(tok.UserError, match="expected paper, natural"):
         pre.main(["--data", str(data), "--tokenizer", str(tmp_path / "tokenizer.model"), "--out", str(tmp_path / "r2"),
                   "--mix", "shakespeare:2"])

@@ -4,16 +4,23 @@ import importlib
 import json
 import math
 import re
+import signal
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import long_context_argv
+
 lc = importlib.import_module("04_long_context")
 mdl = importlib.import_module("02_model")
 pre = importlib.import_module("03_pretrain")
 tok = importlib.import_module("01_tokenizer")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_needle_example_by_hand(pretrained):
@@ -30,7 +37,7 @@ def test_needle_example_by_hand(pretrained):
     assert lc.needle_example(tokenizer, filler, 80, 0.0, 4821)[1:1 + len(needle)] == needle  # depth 0: first
     with_answer = lc.needle_example(tokenizer, filler, 80, 0.3, 4821, with_answer=True)
     assert tokenizer.decode(with_answer).endswith("The secret number is 4821.")
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(tok.UserError, match="too short"):
         lc.needle_example(tokenizer, filler, 10, 0.5, 4821)
 
 
@@ -60,7 +67,7 @@ def test_niah_scorer_with_oracles(pretrained):
     grid = lc.niah_accuracy(model, tokenizer, filler, [64, 128], depths, trials=3,
                             answer=lambda m, p: oracle(m, p, fail_at_start=True))
     assert (grid[0] == 0).all() and (grid[1:] == 1).all()
-    with pytest.raises(ValueError, match="beyond the model's 128 positions"):
+    with pytest.raises(tok.UserError, match="beyond the model's 128 positions"):
         lc.niah_accuracy(model, tokenizer, filler, [256], depths, trials=1, answer=oracle)
 
 
@@ -78,7 +85,7 @@ def test_rope_levers_change_only_the_intended_bands():
     theta = lc.extend_rope(base, 1024, 256, 1024, "theta")
     assert theta.rope_theta == 4 * base.rope_theta and theta.max_seq_len == 1024
     assert lc.extend_rope(base, 512, 256, 1024, "none") == replace(base, max_seq_len=512)
-    with pytest.raises(ValueError, match="choose scale, theta or none"):
+    with pytest.raises(tok.UserError, match="choose scale, theta or none"):
         lc.extend_rope(base, 512, 256, 1024, "yarn")
 
 
@@ -95,11 +102,36 @@ def test_short_extension_updates_the_context_and_lowers_long_position_loss(long_
     assert (out / "niah.png").stat().st_size > 1000 and (out / "rope.png").is_file()
 
 
+def test_sigkill_then_resume_gives_the_uninterrupted_run(pretrained, long_context, tmp_path):
+    """kill -9 in the middle of stage 2, then --resume (from the checkpoint before stage 1's gate):
+    the same log, each step once, and the same model as the uninterrupted run."""
+    folder, _ = pretrained
+    out = tmp_path / "04"
+    argv = long_context_argv(folder, out)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "04_long_context.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
+    for line in proc.stdout:
+        if line.startswith("stage 2 (128 tokens) step  10"):
+            proc.kill()
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL and (out / "ckpt.pt").is_file()
+    with pytest.raises(tok.UserError, match="--resume"):
+        lc.main(argv)  # an interrupted run is never overwritten
+    lc.main(argv + ["--resume"])
+    log = lambda folder: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(folder / "log.jsonl")]
+    assert log(out) == log(long_context)
+    ours, theirs = (torch.load(f / "model.pt", weights_only=True)["model"] for f in (out, long_context))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs) and not (out / "ckpt.pt").exists()
+    with pytest.raises(tok.UserError, match="finished run"):
+        lc.main(argv)
+
+
 def test_bad_input(pretrained, tmp_path):
     folder, _ = pretrained
-    with pytest.raises(FileNotFoundError, match="run python 03_pretrain.py first"):
+    with pytest.raises(tok.UserError, match="run python 03_pretrain.py first"):
         lc.main(["--init", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
-    with pytest.raises(ValueError, match="longer than the current context"):
+    with pytest.raises(tok.UserError, match="longer than the current context"):
         lc.main(["--init", str(folder / "03"), "--out", str(tmp_path / "o"), "--stages", "48,96", "--device", "cpu"])
-    with pytest.raises(ValueError, match="each stage must be longer"):
+    with pytest.raises(tok.UserError, match="each stage must be longer"):
         lc.main(["--init", str(folder / "03"), "--out", str(tmp_path / "o"), "--stages", "128,96", "--device", "cpu"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 m = importlib.import_module("02_model")
+tok = importlib.import_module("01_tokenizer")
 
 
 def tiny(**overrides):
@@ -47,12 +48,12 @@ def test_parameter_counts_of_the_real_models():
     (dict(attn_impl="fast"), "attn_impl"),
 ])
 def test_invalid_shapes_fail_at_construction(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(tok.UserError, match=message):
         m.ModelArgs(**kwargs)
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="unknown preset 'llama4'"):
+    with pytest.raises(tok.UserError, match="unknown preset 'llama4'"):
         m.preset("llama4")
 
 
@@ -243,7 +244,7 @@ def test_compiled_cache_sizes_are_two_per_doubling():
 def test_compiled_generation_without_a_compiler_says_what_to_do():
     model = random_model(tiny())
     no_compiler = {"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}  # no cached kernels either
-    with torch._inductor.config.patch(no_compiler), pytest.raises(RuntimeError, match="drop --compile"):
+    with torch._inductor.config.patch(no_compiler), pytest.raises(tok.UserError, match="drop --compile"):
         m.generate(model, [[1, 2, 3]], 5, compile=True)
 
 
@@ -274,7 +275,7 @@ def test_sampling_temperature_and_top_p():
 
 def test_generation_refuses_too_long_requests():
     model = random_model(tiny(max_seq_len=16))
-    with pytest.raises(ValueError, match="exceed max_seq_len=16"):
+    with pytest.raises(tok.UserError, match="exceed max_seq_len=16"):
         m.generate(model, [[1] * 10], max_new_tokens=10)
 
 
@@ -395,7 +396,7 @@ def test_mismatched_checkpoints_list_every_problem(tmp_path):
     state["layers.9.extra.weight"] = torch.zeros(1)
     state["norm.weight"] = torch.ones(65)
     torch.save({"model": state, "args": vars(model.args)}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(tok.UserError) as error:
         m.load_checkpoint(tmp_path / "bad.pt")
     text = str(error.value)
     assert "3 problems" in text and "missing: layers.0.attention.wq.weight" in text
@@ -408,15 +409,15 @@ def test_config_that_does_not_match_the_weights(tmp_path):
     config["num_hidden_layers"] = 3
     config["intermediate_size"] = 128
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"missing: layers.2.attention.wq.weight(.|\n)*shape of layers.0.feed_forward.w1.weight"):
+    with pytest.raises(tok.UserError, match=r"missing: layers.2.attention.wq.weight(.|\n)*shape of layers.0.feed_forward.w1.weight"):
         m.load_checkpoint(tmp_path)
 
 
 def test_load_checkpoint_rejects_unknown_paths(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Meta folder"):
+    with pytest.raises(tok.UserError, match="Meta folder"):
         m.load_checkpoint(tmp_path)
     torch.save({"weights": 1}, tmp_path / "x.pt")
-    with pytest.raises(ValueError, match="not a checkpoint of this project"):
+    with pytest.raises(tok.UserError, match="not a checkpoint of this project"):
         m.load_checkpoint(tmp_path / "x.pt")
 
 

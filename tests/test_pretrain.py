@@ -4,6 +4,7 @@ import http.server
 import importlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -130,11 +131,11 @@ def test_mix_weights_give_the_requested_proportions(tmp_path):
     tokens, _ = pre.sample_batch(shards, weights, 4000, 8, np.random.default_rng(0))
     code_share = (tokens[:, 0] == 0).float().mean().item()
     assert abs(code_share - 2 / 3) < 0.022  # binomial sd 0.0075: 3 sd
-    with pytest.raises(ValueError, match="unknown sources"):
+    with pytest.raises(tok.UserError, match="unknown sources"):
         pre.mix_weights(shards, {"poetry": 1})
-    with pytest.raises(ValueError, match="sum to something positive"):
+    with pytest.raises(tok.UserError, match="sum to something positive"):
         pre.mix_weights(shards, {"prose": 0, "code": 0})
-    with pytest.raises(ValueError, match="fewer than one row"):
+    with pytest.raises(tok.UserError, match="fewer than one row"):
         pre.sample_batch(shards, weights, 4, 2000, np.random.default_rng(0))
 
 
@@ -190,6 +191,69 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(setup, tmp_path
     assert len(losses(tmp_path / "split")) == 3 and not (tmp_path / "split" / "model.pt").exists()
     pre.main(tiny_argv(setup, tmp_path / "split", "--resume"))
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")  # bit for bit on CPU
+
+
+def clean_records(out):
+    """log.jsonl's records without what differs between two identical runs (timings): a resumed run
+    must repeat an uninterrupted one's exactly, each step once."""
+    header, *records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert "config" in header
+    return [{k: v for k, v in r.items() if k not in ("ms", "tokens_per_s", "mfu")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def straight(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    pre.main(tiny_argv(setup, out))
+    return clean_records(out)
+
+
+def kill_when(argv, cwd, pattern):
+    """Run 03 as a real process and SIGKILL it when a line of its output matches `pattern`."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "03_pretrain.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=cwd)
+    for line in proc.stdout:
+        if re.search(pattern, line):
+            proc.kill()
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before {pattern!r}"
+
+
+@pytest.mark.parametrize("moment", [r"^step +2/", r"^sample:", r"^step +7/"])
+def test_sigkill_at_any_moment_then_resume_gives_one_clean_run(setup, tmp_path, straight, moment):
+    """kill -9 before the first checkpoint, around the first one (the sample is logged just before
+    it is written) and after it: --resume then repeats the uninterrupted run's records exactly (losses,
+    validation, samples), each step once, nothing of the lost steps left behind."""
+    out = tmp_path / "run"
+    kill_when(tiny_argv(setup, out), tmp_path, moment)
+    pre.main(tiny_argv(setup, out, "--resume"))
+    assert clean_records(out) == straight
+
+
+def test_a_damaged_checkpoint_is_named_and_the_one_before_is_used(setup, tmp_path, straight, capsys):
+    out = tmp_path / "run"
+    pre.main(tiny_argv(setup, out))
+    newest = sorted(out.glob("ckpt_*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a full disk
+    pre.main(tiny_argv(setup, out, "--resume"))
+    said = capsys.readouterr().out
+    assert f"{newest} cannot be loaded" in said and "resumed from" in said and "ckpt_000004.pt at step 4" in said
+    assert clean_records(out) == straight
+
+
+def test_checkpoints_are_written_durably(tmp_path, monkeypatch):
+    """atomic_write fsyncs the file before the rename and the folder after it."""
+    synced, order = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_mode), order.append("fsync"), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (order.append("rename"), real_replace(a, b)))
+    importlib.import_module("02_model").atomic_save({"x": torch.ones(2)}, tmp_path / "c.pt")
+    assert order == ["fsync", "rename", "fsync"]
+    import stat
+    assert stat.S_ISREG(synced[0]) and stat.S_ISDIR(synced[1])
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["x"].sum() == 2
+    assert list(tmp_path.iterdir()) == [tmp_path / "c.pt"]
 
 
 def _fsdp_worker(rank, world, port, argv):
@@ -260,17 +324,17 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
 # --- bad input ----------------------------------------------------------------------------------
 
 def test_bad_input_gets_clear_errors(setup, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(tok.UserError, match="no such file"):
         pre.main(tiny_argv(setup, tmp_path / "a", "--data", str(tmp_path / "missing")))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "blank.txt").write_text("   \n")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(tok.UserError, match="empty"):
         pre.main(tiny_argv(setup, tmp_path / "b", "--data", str(tmp_path / "empty")))
-    with pytest.raises(ValueError, match="must be a multiple of"):
+    with pytest.raises(tok.UserError, match="must be a multiple of"):
         pre.main(tiny_argv(setup, tmp_path / "c", "--batch-tokens", "200"))
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(tok.UserError, match="not supported"):
         pre.main(tiny_argv(setup, tmp_path / "d", "--device", "tpu"))
-    with pytest.raises(FileNotFoundError, match="no ckpt"):
+    with pytest.raises(tok.UserError, match="no ckpt"):
         pre.main(tiny_argv(setup, tmp_path / "e", "--resume"))
 
 
@@ -278,11 +342,11 @@ def test_resuming_with_another_config_is_refused_and_nothing_is_overwritten(setu
     out = tmp_path / "run"
     pre.main(tiny_argv(setup, out, "--steps", "4"))
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")}
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(tok.UserError, match="--resume"):
         pre.main(tiny_argv(setup, out, "--steps", "4"))
-    with pytest.raises(ValueError, match="another model config"):
+    with pytest.raises(tok.UserError, match="another model config"):
         pre.main(tiny_argv(setup, out, "--resume", "--dim", "32"))
-    with pytest.raises(ValueError, match="seq_len"):
+    with pytest.raises(tok.UserError, match="seq_len"):
         pre.main(tiny_argv(setup, out, "--resume", "--seq-len", "16", "--batch-tokens", "128"))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")} == before
 
@@ -347,7 +411,7 @@ def test_tinystories_download_parse_and_train(server, setup, tmp_path):
     argv.remove("--data"), argv.remove(str(setup / "data"))
     pre.main(argv)
     assert (tmp_path / "run" / "model.pt").is_file()
-    with pytest.raises(ValueError, match="unknown --dataset"):
+    with pytest.raises(tok.UserError, match="unknown --dataset"):
         tok.dataset_documents("c4", tmp_path, url)
 
 
@@ -358,5 +422,5 @@ def test_parquet_documents(tmp_path):
     docs = tok.load_corpus(str(tmp_path / "web.parquet"))
     assert [(d.source, d.text) for d in docs] == [("web", "first page"), ("web", "second page")]
     pq.write_table(pa.table({"content": ["x"]}), tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match='no "text" column'):
+    with pytest.raises(tok.UserError, match='no "text" column'):
         tok.load_corpus(str(tmp_path / "bad.parquet"))

@@ -1,6 +1,7 @@
 """01_tokenizer.py against hand-worked examples, a naive BPE trainer, tiktoken, Hugging Face
 `tokenizers` and Meta's real Llama 3 tokenizer file."""
 import base64
+import importlib
 import json
 from collections import Counter
 
@@ -15,6 +16,8 @@ HELD_OUT_EXTRAS = [
     "Looks special but is plain: <|eot_id|> <|begin_of_text|> <|start_header_id|>",
     "    \n \n\t \u3000 trailing spaces   ",
 ]
+
+tok = importlib.import_module("01_tokenizer")
 
 
 # --- training ---------------------------------------------------------------------------------------
@@ -169,21 +172,21 @@ def test_malformed_tokenizer_file_names_the_line(small_tokenizer, tokmod, tmp_pa
     lines = path.read_text().splitlines()
     lines[200] = bad_line  # after the line of b"a" (YQ==), so the repeat is found here
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=rf"tokenizer.model:201: .*{problem}"):
+    with pytest.raises(tok.UserError, match=rf"tokenizer.model:201: .*{problem}"):
         tokmod.Tokenizer.load(path)
 
 
 def test_missing_tokenizer_file_says_what_to_run(tokmod, tmp_path):
-    with pytest.raises(FileNotFoundError, match="python 01_tokenizer.py"):
+    with pytest.raises(tok.UserError, match="python 01_tokenizer.py"):
         tokmod.Tokenizer.load(tmp_path / "nope.model")
 
 
 def test_ranks_with_gaps_or_missing_bytes_are_rejected(tokmod):
     ranks = {bytes([b]): b for b in range(256)}
-    with pytest.raises(ValueError, match="0..n-1"):
+    with pytest.raises(tok.UserError, match="0..n-1"):
         tokmod.Tokenizer({**ranks, b"ab": 300})
     del ranks[b"a"]
-    with pytest.raises(ValueError, match="single bytes"):
+    with pytest.raises(tok.UserError, match="single bytes"):
         tokmod.Tokenizer({**{t: i for i, t in enumerate(ranks)}, b"zz": 255})
 
 
@@ -212,9 +215,9 @@ def test_user_cannot_inject_special_tokens(small_tokenizer):
 
 def test_ipython_role_and_unknown_role(small_tokenizer):
     small_tokenizer.encode_dialog([{"role": "ipython", "content": '{"result": 4}'}])
-    with pytest.raises(ValueError, match="unknown role 'robot'"):
+    with pytest.raises(tok.UserError, match="unknown role 'robot'"):
         small_tokenizer.encode_dialog([{"role": "robot", "content": "beep"}])
-    with pytest.raises(ValueError, match="'role' and 'content'"):
+    with pytest.raises(tok.UserError, match="'role' and 'content'"):
         small_tokenizer.encode_dialog([{"content": "no role"}])
 
 
@@ -272,11 +275,11 @@ def test_user_data_txt_folder_and_jsonl(tokmod, tmp_path):
 
 
 @pytest.mark.parametrize("setup, error, message", [
-    (lambda p: p / "missing", FileNotFoundError, "no such file"),
-    (lambda p: (p / "e.txt").write_text("  \n") and p, ValueError, "no text"),
-    (lambda p: (p / "x.csv").write_text("a,b") and p, ValueError, "no .txt, .md, .jsonl, .parquet files"),
-    (lambda p: (p / "l.txt").write_bytes("caf\xe9".encode("latin-1")) and p / "l.txt", ValueError, "l.txt is not UTF-8"),
-    (lambda p: (p / "r.jsonl").write_text('{"text": "ok"}\n{"body": "no"}\n') and p / "r.jsonl", ValueError, r"r.jsonl:2: .*\"text\""),
+    (lambda p: p / "missing", tok.UserError, "no such file"),
+    (lambda p: (p / "e.txt").write_text("  \n") and p, tok.UserError, "no text"),
+    (lambda p: (p / "x.csv").write_text("a,b") and p, tok.UserError, "no .txt, .md, .jsonl, .parquet files"),
+    (lambda p: (p / "l.txt").write_bytes("caf\xe9".encode("latin-1")) and p / "l.txt", tok.UserError, "l.txt is not UTF-8"),
+    (lambda p: (p / "r.jsonl").write_text('{"text": "ok"}\n{"body": "no"}\n') and p / "r.jsonl", tok.UserError, r"r.jsonl:2: .*\"text\""),
 ])
 def test_bad_data_gets_a_clear_error(tokmod, tmp_path, setup, error, message):
     with pytest.raises(error, match=message):
@@ -284,7 +287,7 @@ def test_bad_data_gets_a_clear_error(tokmod, tmp_path, setup, error, message):
 
 
 def test_vocab_too_small_for_bytes_and_specials(tokmod):
-    with pytest.raises(ValueError, match="at least 512"):
+    with pytest.raises(tok.UserError, match="at least 512"):
         tokmod.Tokenizer.train(["hello"], vocab_size=500)
 
 
