@@ -68,7 +68,8 @@ def run_main(main, argv=None):
     try:
         main(argv)
     except (UserError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one says so
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -19,6 +19,7 @@ Run it:
 """
 
 import argparse
+import contextlib
 import functools
 import importlib
 import json
@@ -207,7 +208,7 @@ def masked_attention(q, k, v, mask, cached=False):
       * a dense boolean mask: SDPA with the mask (the memory-efficient or C++ kernel); on CUDA that
         kernel takes a mask but not enable_gqa, so KV heads are repeated there."""
     if not isinstance(mask, torch.Tensor):
-        return _flex_attention(q.device.type)(q, k, v, block_mask=mask, enable_gqa=True)
+        return _flex(q.device.type)[0](q, k, v, block_mask=mask, enable_gqa=True)
     if cached and q.device.type == "cpu" and torch.compiler.is_compiling():
         return attention_math(q, k, v, mask)
     if q.device.type == "cuda":
@@ -227,15 +228,17 @@ def flex_document_mask(doc_ids):
         return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (kv_idx <= q_idx)
 
     B, T = doc_ids.shape
-    cuda = doc_ids.device.type == "cuda"  # compiled, building the mask takes milliseconds instead of seconds
-    return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device, _compile=cuda)
+    return _flex(doc_ids.device.type)[1](mask_mod, B, None, T, T, device=doc_ids.device)
 
 
 @functools.cache
-def _flex_attention(device_type):
-    """flex_attention is only fused into one kernel when compiled; eager it materialises the T×T scores."""
-    from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
+def _flex(device_type):
+    """flex_attention and create_block_mask, compiled once on CUDA (the documented way; eager,
+    flex_attention materialises the T×T scores and building a mask takes seconds, not milliseconds)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if device_type != "cuda":
+        return flex_attention, create_block_mask
+    return torch.compile(flex_attention), torch.compile(create_block_mask)
 
 
 class Attention(nn.Module):
@@ -506,7 +509,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
                 new[row].append(token)
         if all(finished):
             break
-        logits, greedy = step(next_ids[:, None], real, cache)
+        # subtle: a CUDA graph step reuses its output buffers at the next replay, so the ids fed back in
+        # must be a copy (gpt-fast clones them too); on CPU the copy costs nothing that matters.
+        logits, greedy = step(next_ids[:, None].clone() if compile else next_ids[:, None], real, cache)
     return new
 
 
@@ -729,6 +734,18 @@ def pick_device(name="auto"):
     if name == "mps" and not torch.backends.mps.is_available():
         raise tok.UserError("--device mps: Apple's MPS backend is not available here")
     return name
+
+
+def autocast(device, dtype="float32"):
+    """How a chapter computes on `device`, decided once in its entry point: "bfloat16" is bf16
+    autocast (weights and optimizer state stay fp32; matmuls run in bf16), "float32" full precision,
+    where on CUDA fp32 matmuls may use TF32 tensor cores (10-bit mantissa products, fp32 sums)."""
+    device = torch.device(device)
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    return contextlib.nullcontext()
 
 
 def architecture_table():

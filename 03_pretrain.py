@@ -47,6 +47,7 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict
+from datetime import timedelta
 from dataclasses import asdict, dataclass, field, fields, replace
 from itertools import chain
 from pathlib import Path
@@ -597,9 +598,10 @@ def curated_documents(documents, n_math, curation, tokenizer, out, log=print):
     return iter(kept + [d for d in docs if tok.is_held_out(d.name)])
 
 
-def prepare_data(flags, tokenizer, tokenizer_path, out, rank=0, world=1, log=print):
+def prepare_data(flags, tokenizer, tokenizer_path, out, rank=0, world=1, log=print, wait=None):
     """Documents -> (synthetic math) -> curation -> token shards (built on rank 0, cached in
-    `out`/data) -> the mix. Returns Data(train, val, weights)."""
+    `out`/data) -> the mix. Returns Data(train, val, weights). With several processes the others
+    `wait()` for rank 0 (downloading and curating can take longer than a collective's timeout)."""
     documents, data_key = corpus_documents(flags, log)
     n_math = flags.math_problems if flags.math_problems is not None else (0 if flags.data or flags.dataset else 4000)
     mix = parse_mix(flags.mix)
@@ -609,7 +611,10 @@ def prepare_data(flags, tokenizer, tokenizer_path, out, rank=0, world=1, log=pri
         corpus = functools.partial(curated_documents, documents, n_math, flags.curation, tokenizer, out, log)
         prepare_shards(corpus, tokenizer, tokenizer_path, out / "data", key, log)
     if world > 1:
-        dist.barrier()
+        wait()
+        if not (out / "data" / "meta.json").is_file():
+            raise tok.UserError(f"rank {rank} cannot see {out / 'data'}, which rank 0 wrote: with several nodes, "
+                                f"--out must be on a filesystem that every node shares")
     train, val = TokenShards(out / "data", "train"), TokenShards(out / "data", "val")
     weights = mix_weights(train, mix)
     log("data mix: " + ", ".join(f"{s} {w:.1%}" for s, w in weights.items()))
@@ -674,6 +679,12 @@ def lr_at(step, cfg):
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - 1 - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def rows_at(step, cfg, world=1):
+    """Rows in the global batch at `step`: batch_tokens / seq_len, scaled by the ramp and rounded to
+    a multiple of the number of processes (each process gets at least one row)."""
+    return world * max(1, round(cfg.batch_tokens // cfg.seq_len * batch_fraction_at(step, cfg) / world))
 
 
 def batch_fraction_at(step, cfg):
@@ -777,8 +788,10 @@ def eval_losses(model, shards, rows, seq_len, seed, device, doc_mask=True, autoc
     return {source: sums[2 * i] / sums[2 * i + 1] for i, source in enumerate(shards.sources)}
 
 
-def generate_sample(model, tokenizer, seed, context_len, device):
-    """A short sample (temperature 0.8, top-p 0.95) from a BOS and a newline: progress you can read."""
+def generate_sample(model, tokenizer, seed, context_len, device, fixed_length=False):
+    """A short sample (temperature 0.8, top-p 0.95) from a BOS and a newline: progress you can read.
+    `fixed_length`: under FSDP every rank must run the same number of forward passes (each gathers
+    weights from all), so none may stop early on its own stop token: generate all 64, cut after."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -786,9 +799,11 @@ def generate_sample(model, tokenizer, seed, context_len, device):
     # Generation's shapes (prompt, KV cache) are not training's: run it eagerly, not recompiled.
     with torch.compiler.set_stance("force_eager"):
         ids = mdl.generate(model, [prompt], max_new_tokens=min(64, context_len - len(prompt)), temperature=0.8,
-                           top_p=0.95, stop_tokens=tokenizer.stop_tokens, generator=generator)[0]
+                           top_p=0.95, stop_tokens=() if fixed_length else tokenizer.stop_tokens,
+                           generator=generator)[0]
     model.train(was_training)
-    return tokenizer.decode(ids)
+    stops = [i for i, t in enumerate(ids) if t in tokenizer.stop_tokens]
+    return tokenizer.decode(ids[:stops[0]] if stops else ids)
 
 
 # -----------------------------------------------------------------------------
@@ -810,6 +825,19 @@ class Run:
 
     def __post_init__(self):
         self.stop = self.stop or StopSignal(enabled=False)
+        # Part 3: data preparation on rank 0 may outlast a collective's default timeout (10 minutes):
+        # the other ranks wait for it in a group of their own, with a timeout that fits a download.
+        self.slow_group = dist.new_group(backend="gloo", timeout=timedelta(hours=6)) if self.world > 1 else None
+
+    def wait_for_rank0(self):
+        dist.barrier(group=self.slow_group)
+
+    def stop_requested(self):
+        """Whether Ctrl-C (or torchrun's SIGTERM) reached any process: all ranks then stop at the same
+        step, so the checkpoint they gather together is complete."""
+        if self.world == 1:
+            return self.stop.requested
+        return all_reduce_sum([torch.tensor(float(self.stop.requested), device=self.device)], self.world)[0] > 0
 
     def log(self, *args, **kwargs):  # rank 0 speaks for everyone
         if self.rank == 0:
@@ -825,7 +853,6 @@ def train(model, optimizer, data, cfg, run, tokenizer, start_step=0, stop_after=
     """The training loop. Each pass evaluates and samples when due, saves a checkpoint when due, ends
     after the last step (or when asked to stop), else takes one optimizer step and logs one line.
     Returns the step it ended at."""
-    rows = cfg.batch_tokens // cfg.seq_len
     flops_per_token = mdl.flops_per_token(model.args, cfg.seq_len)
     loss_fn = functools.partial(next_token_loss, doc_mask=cfg.doc_mask)
     t_run = time.time()
@@ -838,18 +865,19 @@ def train(model, optimizer, data, cfg, run, tokenizer, start_step=0, stop_after=
             run.log(f"step {step}: val " + " | ".join(f"{s} {v:.3f}" for s, v in val.items()))
             run.write({"step": step, "val": val})
         if ((step % cfg.sample_every == 0 and step > 0) or last) and not logged:
-            text = generate_sample(model, tokenizer, cfg.seed, cfg.seq_len, run.device)
+            text = generate_sample(model, tokenizer, cfg.seed, cfg.seq_len, run.device, fixed_length=run.world > 1)
             run.log(f"sample: {text!r}")
             run.write({"step": step, "sample": text})
-        stopping = run.stop.requested or (stop_after is not None and step - start_step >= stop_after)
+        stopping = run.stop_requested() or (stop_after is not None and step - start_step >= stop_after)
         if step > start_step and (step % cfg.ckpt_every == 0 or last or stopping):
             save_training_checkpoint(model, optimizer, cfg, step, run)
         if last or stopping:
             return step
 
         t0 = time.time()
-        tokens, doc_ids = batch_for_step(data.train, data.weights, cfg, step, run.rank, run.world, rows)
-        n_micro = max(1, round(len(tokens) // cfg.micro_batch * batch_fraction_at(step, cfg)))
+        rows_now = rows_at(step, cfg, run.world)  # the batch ramp, if on, in global rows
+        tokens, doc_ids = batch_for_step(data.train, data.weights, cfg, step, run.rank, run.world, rows_now)
+        n_micro = math.ceil(len(tokens) / cfg.micro_batch)  # (rows_now/world, T+1) in micro-batches
         micro_batches = split_micro_batches((tokens, doc_ids), cfg.micro_batch, n_micro, run.device)
         lr = lr_at(step, cfg)
         try:
@@ -862,7 +890,7 @@ def train(model, optimizer, data, cfg, run, tokenizer, start_step=0, stop_after=
         if run.device.type == "cuda":
             torch.cuda.synchronize()  # the optimizer's kernels are still queued: wait, or dt reads short
         dt = time.time() - t0
-        step_tokens = n_micro * cfg.micro_batch * cfg.seq_len * run.world
+        step_tokens = rows_now * cfg.seq_len
         tps, mfu = step_tokens / dt, step_tokens / dt * flops_per_token / (run.peak_flops * run.world)
         eta = (time.time() - t_run) / (step + 1 - start_step) * (cfg.steps - step - 1)
         run.log(f"step {step + 1:>5}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:5.2f} | "
@@ -882,7 +910,7 @@ def main(argv=None):
     try:
         pretrain(flags, device, rank, world)
     finally:
-        if world > 1:
+        if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -899,14 +927,14 @@ def pretrain(flags, device, rank=0, world=1):
         raise tok.UserError(f"--resume: no ckpt_*.pt and no log.jsonl in {run.out}, so nothing to resume; "
                             f"start without --resume")
     tokenizer, tokenizer_path = load_tokenizer(flags.tokenizer, run)
-    data = prepare_data(flags, tokenizer, tokenizer_path, run.out, rank, world, run.log)
+    data = prepare_data(flags, tokenizer, tokenizer_path, run.out, rank, world, run.log, run.wait_for_rank0)
     model, optimizer, run.autocast = build_model(cfg, flags, tokenizer, run)
     if flags.resume and not existing:
         run.log(f"no checkpoint in {run.out} yet: starting again from step 0")
     start_step = resume(model, optimizer, cfg, run) if existing else 0
     run.peak_flops = peak_flops(device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
     run.log_file = start_log(model, cfg, tokenizer_path, run, resume_at=start_step if existing else None)
-    run.stop = StopSignal(enabled=world == 1)  # Ctrl-C: stop at the next step, with a checkpoint
+    run.stop = StopSignal()  # Ctrl-C: stop at the next step, with a checkpoint
     with run.stop:
         step = train(model, optimizer, data, cfg, run, tokenizer, start_step, flags.stop_after)
     finish(model, optimizer, cfg, step, run)
@@ -916,6 +944,8 @@ def train_config(flags, device, world=1):
     """The preset (gpu with CUDA, else cpu) with the flags given on the command line, checked."""
     cfg = config_from_flags(flags, TRAIN_PRESETS[flags.preset or ("gpu" if device.type == "cuda" else "cpu")])
     rows = cfg.batch_tokens // cfg.seq_len
+    if flags.micro_batch is None:  # not given: no more rows per forward pass than each process gets
+        cfg = replace(cfg, micro_batch=max(1, min(cfg.micro_batch, rows // world)))
     if cfg.batch_tokens % cfg.seq_len or rows % (world * cfg.micro_batch):
         raise tok.UserError(f"--batch-tokens {cfg.batch_tokens} must be a multiple of seq_len ({cfg.seq_len}) x "
                             f"micro_batch ({cfg.micro_batch}) x processes ({world}) = "
@@ -935,7 +965,7 @@ def load_tokenizer(path, run):
             run.log(f"no tokenizer at {path} yet: training one first (python 01_tokenizer.py) ...")
             tok.train_tokenizer(out=path.parent)
         if run.world > 1:
-            dist.barrier()
+            run.wait_for_rank0()
     return Tokenizer.load(path), path
 
 
@@ -955,15 +985,16 @@ def build_model(cfg, flags, tokenizer, run):
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
                                fused=run.device.type == "cuda")  # built after sharding: it holds the shards
     if cfg.compile:
-        model.compile()  # in place: the state dict keeps its plain names (no _orig_mod. prefix)
-    bf16 = cfg.dtype == "bfloat16"
-    if bf16 and run.device.type == "cpu" and (slowdown := bf16_slowdown()) > 1.5:
+        # Each block on its own (torchtitan's choice): compiling the whole model graph-breaks in the
+        # layer loop under FSDP. Static shapes: every micro-batch has the same size. In place, so the
+        # state dict keeps its plain names (no _orig_mod. prefix).
+        for block in model.layers:
+            block.compile(dynamic=False)
+    if cfg.dtype == "bfloat16" and run.device.type == "cpu" and (slowdown := bf16_slowdown()) > 1.5:
         run.log(f"note: a bf16 matmul runs {slowdown:.1f}x slower than fp32 on this CPU (it has no native bf16); "
                 f"--dtype float32 is faster here")
     # one process: bf16 autocast; several: FSDP's mixed-precision policy casts instead
-    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if bf16 and run.world == 1 \
-        else contextlib.nullcontext()
-    return model, optimizer, autocast
+    return model, optimizer, mdl.autocast(run.device, cfg.dtype if run.world == 1 else "float32")
 
 
 def start_log(model, cfg, tokenizer_path, run, resume_at=None):
@@ -1008,7 +1039,8 @@ def finish(model, optimizer, cfg, step, run):
                "final_train_loss": steps[-1]["loss"] if steps else None, "val_loss": vals[-1]["val"] if vals else {},
                "tokens_per_s": float(np.median([r["tokens_per_s"] for r in steps])) if steps else None,
                "mfu": float(np.median([r["mfu"] for r in steps])) if steps else None,
-               "device": str(run.device), "world": run.world}
+               "device": str(run.device), "world": run.world, "peak_flops": run.peak_flops,
+               "peak_memory_gb": torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None}
     tok.atomic_write_text(run.out / "metrics.json", json.dumps(metrics, indent=2))
     run.log(f"done: {run.out / 'model.pt'}, {run.out / 'loss.png'}, {run.out / 'metrics.json'}")
 
@@ -1025,9 +1057,10 @@ def init_distributed(device_flag):
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: join the process group (NCCL between GPUs,
     gloo on CPU), one GPU per process. Without torchrun: one process. Returns (device, rank, world)."""
     device_name = mdl.pick_device(device_flag)
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ and not dist.is_initialized():
         return torch.device(device_name), 0, 1
-    dist.init_process_group("nccl" if device_name.startswith("cuda") else "gloo")
+    if not dist.is_initialized():  # (a test or a notebook may have joined a group already)
+        dist.init_process_group("nccl" if device_name.startswith("cuda") else "gloo")
     if device_name.startswith("cuda"):
         device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device_name)
@@ -1041,8 +1074,10 @@ def shard_model(model, device, dtype):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if dtype == "bfloat16" else MixedPrecisionPolicy()
+    # cast_forward_inputs=False: the fp32 RoPE tables a block receives stay fp32 (the default would
+    # cast them to bf16 on several GPUs but not on one; torchtitan sets the same)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if dtype == "bfloat16" else MixedPrecisionPolicy(cast_forward_inputs=False)
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -1128,6 +1163,15 @@ def resume(model, optimizer, cfg, run):
     return ckpt["step"]
 
 
+def for_device(cfg, device):
+    """The compute fields of a later chapter's config (04-09) made concrete for `device`: dtype
+    "auto" is bf16 autocast on CUDA and fp32 elsewhere; micro_batch 0 is the whole batch in one pass
+    on a CPU and one row at a time on a GPU (rows there are long)."""
+    cuda = device.type == "cuda"
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    return replace(cfg, dtype=dtype, micro_batch=cfg.micro_batch or (1 if cuda else 0))
+
+
 def claim_run_folder(out, resume):
     """What a chapter that resumes (04 and later) finds in its --out folder, refusing to overwrite
     anything without --resume: "interrupted" (a ckpt.pt to resume from), "finished" (a model.pt and
@@ -1167,19 +1211,27 @@ def truncate_log(path, keep):
 # Speed: the peak that MFU divides by, and the attention kernel
 
 
-# Dense bf16 peak of the cards MFU is usually quoted for (NVIDIA datasheets, SXM parts).
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's H100, H200 and A100 datasheets: bf16,
+# and tf32 (what fp32 matmuls run as on CUDA here). Matched in order against torch.cuda.get_device_name,
+# e.g. "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H100 NVL".
+GPU_PEAK_TFLOPS = [("H200 NVL", 835, 418), ("H200", 989, 494), ("H100 NVL", 835, 418), ("H100 PCIe", 756, 378),
+                   ("H100", 989, 494), ("A100", 312, 156)]
 
 
-def peak_flops(device, dtype):
-    """FLOP/s that MFU divides by: the datasheet peak of a known GPU, else the best matmul rate
-    measured here over a few shapes and repeats (one timing alone is at the mercy of clock ramp-up
-    and other processes, and a low peak makes MFU read too high)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
+def datasheet_peak(device, dtype):
+    """The datasheet peak FLOP/s of a known GPU for `dtype`, or None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, bf16, tf32 in GPU_PEAK_TFLOPS:
+        if key in name:
+            return (bf16 if dtype == torch.bfloat16 else tf32) * 1e12
+    return None
+
+
+def measured_peak(device, dtype):
+    """The best matmul rate measured here over a few shapes and repeats (one timing alone is at the
+    mercy of clock ramp-up and other processes, and a low peak makes MFU read too high)."""
     scale = 1 if device.type == "cpu" else 4
     best = 0.0
     for m, k, n in [(1024, 1024, 1024), (2048, 2048, 2048), (4096, 1024, 1024), (4096, 256, 1024)]:
@@ -1195,6 +1247,11 @@ def peak_flops(device, dtype):
                 torch.cuda.synchronize()
             best = max(best, 2 * m * k * n * scale**3 / (time.perf_counter() - t0))
     return best
+
+
+def peak_flops(device, dtype):
+    """FLOP/s that MFU divides by: a known GPU's datasheet peak for the dtype, else a measured one."""
+    return datasheet_peak(device, dtype) or measured_peak(device, dtype)
 
 
 def bf16_slowdown(seconds=0.05):
@@ -1232,8 +1289,9 @@ def pick_attention(device, cfg, log):
 
 
 class StopSignal:
-    """While active, Ctrl-C (SIGINT) does not kill the run: it sets `requested`, and the loop stops at
-    the next step, saving a checkpoint first."""
+    """While active, Ctrl-C (SIGINT) and SIGTERM (what torchrun sends its workers when it is stopped)
+    do not kill the run: they set `requested`, and the loop stops at the next step, saving a
+    checkpoint first. A second Ctrl-C while stopping is ignored; kill -9 is not (and --resume copes)."""
 
     def __init__(self, enabled=True):
         self.enabled, self.requested = enabled, False
@@ -1243,12 +1301,13 @@ class StopSignal:
 
     def __enter__(self):
         if self.enabled:
-            self.previous = signal.signal(signal.SIGINT, self._ask)
+            self.previous = {s: signal.signal(s, self._ask) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
         if self.enabled:
-            signal.signal(signal.SIGINT, self.previous)
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
 
 
 # =============================================================================
@@ -1290,8 +1349,8 @@ def add_config_flags(parser, cls, defaults, where="", only=None):
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif kind is tuple:
-            parser.add_argument(flag, type=comma_separated(type(default[0]) if default else str), default=None,
-                                help=text, metavar="A,B,...")
+            item = f.metadata.get("item", type(default[0]) if default else str)
+            parser.add_argument(flag, type=comma_separated(item), default=None, help=text, metavar="A,B,...")
         else:
             parser.add_argument(flag, type=kind, default=None, help=text, choices=f.metadata.get("choices"))
 

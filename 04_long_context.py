@@ -21,6 +21,7 @@ Run it:
 """
 
 import argparse
+import contextlib
 import functools
 import importlib
 import json
@@ -41,11 +42,12 @@ pre = importlib.import_module("03_pretrain")
 
 @dataclass
 class LongContextConfig:
-    stages: tuple = (512, 768, 1024)  # context length of each stage (the paper: six stages, 8K -> 128K)
+    stages: tuple = field(default=(), metadata={"item": int})  # context length of each stage; empty: 2x, 3x and 4x the pretraining length (the paper: six stages, 8K -> 128K)
     steps_per_stage: int = 40  # optimizer steps per stage
     extra_steps: int = 20  # at most this many more steps per stage while its gate fails (in chunks of 20)
-    batch_tokens: int = 4096  # per optimizer step, as in pretraining: fewer, longer rows
-    micro_batch: int = 0  # rows per forward pass; 0 = the whole batch at once (fastest on a CPU)
+    batch_tokens: int = 0  # per optimizer step: fewer, longer rows as the stages grow; 0: four rows of the final length
+    micro_batch: int = 0  # rows per forward pass; 0: the whole batch on a CPU, one row on a GPU
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16")})  # auto: bf16 on CUDA, else fp32
     lr: float = 1e-3  # after a short warmup, constant within each stage
     warmup: int = 5  # steps of linear warmup at the start of each stage
     rope: str = field(default="scale", metadata={"choices": ("scale", "theta", "none")})  # scale: Llama 3.1's frequency scaling; theta: raise θ with the length
@@ -181,18 +183,24 @@ def training_rows(shards, weights, filler, tokenizer, n_rows, length, passkey_fr
     return tokens, doc_ids
 
 
-def long_position_loss(model, shards, length, base_len, rows, seed, doc_mask, device):
+@torch.no_grad()
+def long_position_loss(model, shards, length, base_len, rows, seed, doc_mask, device,
+                       autocast=contextlib.nullcontext(), micro_batch=0):
     """Mean loss on positions base_len..length of fixed validation rows: how well the model uses
     context beyond what pretraining showed it."""
     rng = np.random.default_rng(seed)
     sources = [s for s in shards.sources if len(shards.tokens[s]) > length + 1]
     tokens, doc_ids = pre.sample_batch(shards, {s: 1 / len(sources) for s in sources}, rows, length + 1, rng)
     model.eval()
-    with torch.no_grad():
-        logits = model(tokens[:, :-1].to(device), doc_ids=doc_ids[:, :-1].to(device) if doc_mask else None)
-        loss = F.cross_entropy(logits[:, base_len:].flatten(0, 1), tokens[:, base_len + 1:].flatten().to(device))
+    size = micro_batch or rows
+    loss_sum, n = 0.0, 0
+    for x, d in pre.split_micro_batches((tokens, doc_ids), size, math.ceil(rows / size), device):
+        with autocast:
+            logits = model(x[:, :-1], doc_ids=d[:, :-1] if doc_mask else None)
+        loss_sum += F.cross_entropy(logits[:, base_len:].flatten(0, 1), x[:, base_len + 1:].flatten(), reduction="sum")
+        n += x[:, base_len + 1:].numel()
     model.train()
-    return loss.item()
+    return (loss_sum / n).item()
 
 
 # -----------------------------------------------------------------------------
@@ -227,6 +235,7 @@ class Extension:
         self.filler_train, self.filler_val = haystack(data.train, tokenizer), haystack(data.val, tokenizer)
         self.optimizer = pre.make_optimizer(model, cfg.lr, fused=device.type == "cuda")
         self.loss_fn = functools.partial(pre.next_token_loss, doc_mask=cfg.doc_mask)
+        self.autocast = mdl.autocast(device, cfg.dtype)
         self.rng, self.step = np.random.default_rng(cfg.seed), 0
         self.records, self.short_before = [], None  # one record per finished stage; the loss to recover
         self.log_file = None
@@ -235,8 +244,13 @@ class Extension:
     def short_context_loss(self):
         """Mean validation loss at the pretraining length: the paper's "short-context evaluations"."""
         losses = pre.eval_losses(self.model, self.data.val, self.cfg.eval_rows, self.base_len, self.cfg.seed,
-                                 self.device, doc_mask=self.cfg.doc_mask)
+                                 self.device, doc_mask=self.cfg.doc_mask, autocast=self.autocast,
+                                 micro_batch=self.cfg.micro_batch)
         return float(np.mean(list(losses.values())))
+
+    def long_position_loss(self, length):
+        return long_position_loss(self.model, self.data.val, length, self.base_len, self.cfg.eval_rows, self.cfg.seed,
+                                  self.cfg.doc_mask, self.device, self.autocast, self.cfg.micro_batch)
 
     def write(self, record):
         self.log_file.write(json.dumps(record) + "\n")
@@ -244,16 +258,17 @@ class Extension:
 
     def train_steps(self, n, stage, length, done):
         """`n` optimizer steps at `length` tokens; `done` steps of this stage came before."""
-        rows = self.cfg.batch_tokens // length
+        rows = max(1, self.cfg.batch_tokens // length)
         size = min(self.cfg.micro_batch or rows, rows)
         for i in range(done, done + n):
             # warmup, then a constant rate within the stage (the paper gives no schedule here)
             lr = self.cfg.lr * min(1.0, (i + 1) / self.cfg.warmup)
             tokens, doc_ids = training_rows(self.data.train, self.data.weights, self.filler_train, self.tokenizer,
                                             rows, length, self.cfg.passkey_fraction, self.rng)
-            micro_batches = pre.split_micro_batches((tokens, doc_ids), size, max(1, rows // size), self.device)
+            micro_batches = pre.split_micro_batches((tokens, doc_ids), size, math.ceil(rows / size), self.device)
             try:
-                loss, grad_norm = pre.train_step(self.model, self.optimizer, micro_batches, self.loss_fn, lr)
+                loss, grad_norm = pre.train_step(self.model, self.optimizer, micro_batches, self.loss_fn, lr,
+                                                 autocast=self.autocast)
             except FloatingPointError as e:
                 raise FloatingPointError(f"stage {stage} step {i + 1}: {e}") from None
             self.step += 1
@@ -265,8 +280,9 @@ class Extension:
     def gate(self, stage, lengths):
         """§3.4.2's gate: (1) short-context loss recovered, (2) NIAH solved at every length so far."""
         short = self.short_context_loss()
-        grid = niah_accuracy(self.model, self.tokenizer, self.filler_val, lengths, self.cfg.niah_depths,
-                             self.cfg.niah_trials, seed=self.cfg.seed + stage)
+        with self.autocast:
+            grid = niah_accuracy(self.model, self.tokenizer, self.filler_val, lengths, self.cfg.niah_depths,
+                                 self.cfg.niah_trials, seed=self.cfg.seed + stage)
         return short, grid, short <= self.short_before * (1 + self.cfg.recover_tolerance), bool((grid == 1).all())
 
     def run_stage(self, stage, length, lengths, done=0, long_before=None):
@@ -275,8 +291,7 @@ class Extension:
         cfg = self.cfg
         set_args(self.model, extend_rope(self.base_args, length, self.base_len, cfg.stages[-1], cfg.rope))
         if long_before is None:
-            long_before = long_position_loss(self.model, self.data.val, length, self.base_len, cfg.eval_rows,
-                                             cfg.seed, cfg.doc_mask, self.device)
+            long_before = self.long_position_loss(length)
         t0, budget = time.time(), cfg.steps_per_stage - done  # resumed at a gate: nothing to train first
         while True:
             if budget > 0:
@@ -289,8 +304,7 @@ class Extension:
             budget = min(20, cfg.steps_per_stage + cfg.extra_steps - done)
             self.log(f"stage {stage}: gate not passed yet (short loss {short:.3f}, NIAH {grid.mean():.0%}): "
                      f"{budget} more steps")
-        long_after = long_position_loss(self.model, self.data.val, length, self.base_len, cfg.eval_rows, cfg.seed,
-                                        cfg.doc_mask, self.device)
+        long_after = self.long_position_loss(length)
         self.log(f"stage {stage} done: {length} tokens, {done} steps | short-context loss {short:.3f} "
                  f"(before extension {self.short_before:.3f}, {'recovered' if recovered else 'NOT recovered'}) | "
                  f"NIAH {grid.mean():.0%} up to {length} ({'solved' if solved else 'NOT solved'}) | "
@@ -370,6 +384,9 @@ def long_context(init, out, cfg, device_name="auto", resume=False):
     model, base_args = mdl.load_checkpoint(init, mmap=False)
     model = model.to(device).train()
     base_len = base_args.max_seq_len
+    # what the flags leave open follows the checkpoint and the device (so a GPU 03 run extends too)
+    stages = cfg.stages or tuple(k * base_len for k in (2, 3, 4))
+    cfg = pre.for_device(replace(cfg, stages=stages, batch_tokens=cfg.batch_tokens or 4 * stages[-1]), device)
     if sorted(set(cfg.stages)) != list(cfg.stages) or cfg.stages[0] <= base_len:
         raise tok.UserError(f"--stages {','.join(map(str, cfg.stages))}: each stage must be longer than the one "
                             f"before, and the first longer than the current context ({base_len} tokens)")

@@ -26,9 +26,10 @@ import argparse
 import functools
 import importlib
 import json
+import math
 import re
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,9 @@ BENCH_SEED, SHOT_SEED = 10_007, 20_011  # seeds no training data uses (03 adds s
 class AnnealConfig:
     steps: int = 60  # annealing steps (Llama 3: the last 40M tokens of 15.6T)
     lr: float = 6e-4  # where the linear decay starts; it ends at exactly 0
-    batch_tokens: int = 4096  # tokens per optimizer step, at the long context length
-    micro_batch: int = 0  # rows per forward pass; 0 = the whole batch in one pass
+    batch_tokens: int = 0  # tokens per optimizer step, at the long context length; 0: four rows of it
+    micro_batch: int = 0  # rows per forward pass; 0: the whole batch on a CPU, one row on a GPU
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16")})  # auto: bf16 on CUDA, else fp32
     upsample: str = "math=2,code=2"  # §3.4.3 upsamples very-high-quality data: category=factor,...
     snapshots: int = 4  # checkpoints averaged, evenly spaced over the second half, the last included
     math_items: int = 100  # GSM8K-like benchmark items (before the contamination check)
@@ -163,20 +165,24 @@ def annealing_text(shards, tokenizer, sources):
 def evaluate(model, tokenizer, math_items, completion_items, val, eval_len, cfg, device, batch=25):
     """Math accuracy, completion exact match and per-token accuracy, and validation loss per source."""
     model.eval()
+    autocast = mdl.autocast(device, cfg.dtype)
     correct, answer_room = 0, 24
     for i in range(0, len(math_items), batch):
         chunk = math_items[i:i + batch]
         prompts = [math_prompt(tokenizer, q, cfg.shots, model.args.max_seq_len - answer_room) for q, _ in chunk]
-        outputs = mdl.generate(model, prompts, max_new_tokens=answer_room, stop_tokens=tokenizer.stop_tokens)
+        with autocast:
+            outputs = mdl.generate(model, prompts, max_new_tokens=answer_room, stop_tokens=tokenizer.stop_tokens)
         correct += sum(extract_answer(tokenizer.decode(o)) == a for o, (_, a) in zip(outputs, chunk))
     exact, token_hits = 0, 0
     for i in range(0, len(completion_items), batch):
         chunk = completion_items[i:i + batch]
-        outputs = mdl.generate(model, [p for p, _ in chunk], max_new_tokens=len(chunk[0][1]))
+        with autocast:
+            outputs = mdl.generate(model, [p for p, _ in chunk], max_new_tokens=len(chunk[0][1]))
         exact += sum(o == t for o, (_, t) in zip(outputs, chunk))
         token_hits += sum(sum(a == b for a, b in zip(o, t)) for o, (_, t) in zip(outputs, chunk))
     n_tokens = sum(len(t) for _, t in completion_items)
-    losses = pre.eval_losses(model, val, cfg.eval_rows, eval_len, cfg.seed, device)
+    losses = pre.eval_losses(model, val, cfg.eval_rows, eval_len, cfg.seed, device, autocast=autocast,
+                             micro_batch=cfg.micro_batch)
     model.train()
     return {"math_accuracy": correct / max(len(math_items), 1),
             "completion_exact": exact / max(len(completion_items), 1),
@@ -194,10 +200,9 @@ def anneal(model, train, weights, cfg, seq_len, device, log=print, snapshot_at=(
     after each step in `snapshot_at` go into a PolyakAverage, which is returned. With `out`, each
     step is logged to `out`/log.jsonl and every cfg.ckpt_every steps (and after the last) `out`/ckpt.pt
     holds what resuming needs, plus `extra`; `resume_from` is such a checkpoint, loaded."""
-    rows = cfg.batch_tokens // seq_len
-    if rows < 1:
-        raise tok.UserError(f"--batch-tokens {cfg.batch_tokens} is smaller than one row of {seq_len} tokens")
+    rows = max(1, (cfg.batch_tokens or 4 * seq_len) // seq_len)
     size = min(cfg.micro_batch or rows, rows)
+    autocast = mdl.autocast(device, cfg.dtype)
     optimizer = pre.make_optimizer(model, cfg.lr, fused=device.type == "cuda")
     loss_fn = functools.partial(pre.next_token_loss, doc_mask=True)
     rng, average, start = np.random.default_rng(cfg.seed), PolyakAverage(), 0
@@ -211,9 +216,9 @@ def anneal(model, train, weights, cfg, seq_len, device, log=print, snapshot_at=(
     for step in range(start, cfg.steps):
         lr = anneal_lr(step, cfg.steps, cfg.lr)
         tokens, doc_ids = pre.sample_batch(train, weights, rows, seq_len + 1, rng)
-        micro_batches = pre.split_micro_batches((tokens, doc_ids), size, max(1, rows // size), device)
+        micro_batches = pre.split_micro_batches((tokens, doc_ids), size, math.ceil(rows / size), device)
         try:
-            loss, grad_norm = pre.train_step(model, optimizer, micro_batches, loss_fn, lr)
+            loss, grad_norm = pre.train_step(model, optimizer, micro_batches, loss_fn, lr, autocast=autocast)
         except FloatingPointError as e:
             raise FloatingPointError(f"annealing step {step + 1}: {e}") from None
         if log_file:
@@ -301,6 +306,7 @@ def main(argv=None):
         raise tok.UserError("--steps must be at least 2 (the learning rate decays from its peak to 0)")
     parse_factors(cfg.upsample)  # a bad value is reported now, not after loading everything
     device = torch.device(mdl.pick_device(flags.device))
+    cfg = pre.for_device(cfg, device)
     data_dir = Path(flags.data_dir)
     if not (data_dir / "meta.json").is_file():
         raise tok.UserError(f"{data_dir} (03's token shards) not found: run python 03_pretrain.py first "

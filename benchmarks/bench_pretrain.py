@@ -34,7 +34,8 @@ def main():
         records = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
     header, steps_log = records[0], [r for r in records if "loss" in r][args.skip:]
     peak = header["peak_flops"]  # what the run divided by for its MFU
-    datasheet = cuda and any(key in torch.cuda.get_device_name() for key in pre.GPU_PEAK_TFLOPS)
+    dtype = torch.bfloat16 if header["config"]["dtype"] == "bfloat16" else torch.float32
+    datasheet = pre.datasheet_peak(torch.device("cuda" if cuda else "cpu"), dtype) is not None
     tps = float(np.median([r["tokens_per_s"] for r in steps_log]))
     mfu = float(np.median([r["mfu"] for r in steps_log]))
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,12 +24,12 @@ WORDS = ("the king and queen of denmark speak of love and death while python fun
          "values to their callers and lists hold items in order").split()
 
 
-def write_corpus(folder, n_docs=12, sources=("prose", "code")):
+def write_corpus(folder, n_docs=12, sources=("prose", "code"), words_per_doc=300):
     rng = np.random.default_rng(0)
     for source in sources:
         (folder / source).mkdir(parents=True, exist_ok=True)
         for i in range(n_docs):
-            words = rng.choice(WORDS, size=300)
+            words = rng.choice(WORDS, size=words_per_doc)
             (folder / source / f"doc{i}.txt").write_text(f"{source} {i}: " + " ".join(words) + ".\n")
     return folder
 
@@ -256,17 +255,12 @@ def test_checkpoints_are_written_durably(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [tmp_path / "c.pt"]
 
 
-def _fsdp_worker(rank, world, port, argv):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _fsdp_worker(rank, world, rendezvous, argv):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    # a file rendezvous: no port to pick, so no race with other processes for a free one
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     pre.main(argv)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_fsdp_matches_one_process(setup, tmp_path):
@@ -275,7 +269,8 @@ def test_two_process_fsdp_matches_one_process(setup, tmp_path):
     ~1e-7, growing slightly over 8 AdamW steps); a sharding or data bug moves losses by ~1e-2."""
     single = tmp_path / "single"
     pre.main(tiny_argv(setup, single))
-    torch.multiprocessing.spawn(_fsdp_worker, args=(2, free_port(), tiny_argv(setup, tmp_path / "fsdp")), nprocs=2)
+    torch.multiprocessing.spawn(_fsdp_worker, args=(2, tmp_path / "rendezvous", tiny_argv(setup, tmp_path / "fsdp")),
+                                nprocs=2)
     a, b = losses(single), losses(tmp_path / "fsdp")
     assert len(a) == len(b) == 8
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
@@ -285,6 +280,32 @@ def test_two_process_fsdp_matches_one_process(setup, tmp_path):
     model, _ = importlib.import_module("02_model").load_checkpoint(tmp_path / "fsdp")
     pre.main(tiny_argv(setup, tmp_path / "fsdp", "--resume", "--steps", "10"))
     assert len(losses(tmp_path / "fsdp")) == 10
+
+
+def test_the_readmes_torchrun_command_on_cpu_trains_and_stops_together_on_ctrl_c(setup, tmp_path):
+    """`torchrun --nproc_per_node=2 03_pretrain.py --device cpu`, as the README writes it, with a
+    small corpus and a long --steps: the default batch divides between the two processes (the
+    micro-batch follows the rows each gets), it trains, and Ctrl-C (SIGINT to the whole process
+    group, as a terminal sends it) stops both ranks at the same step, with one checkpoint."""
+    out = tmp_path / "run"
+    data = write_corpus(tmp_path / "data", words_per_doc=1500)  # held-out text for rows of 256 tokens
+    argv = ["--device", "cpu", "--data", str(data), "--tokenizer", str(setup / "tokenizer.model"),
+            "--out", str(out), "--no-curation", "--steps", "100000", "--eval-every", "100000",
+            "--sample-every", "100000", "--ckpt-every", "100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "03_pretrain.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path, start_new_session=True)
+    said = []
+    for line in proc.stdout:
+        said.append(line)
+        if line.startswith("step     2/"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    said = "".join(said) + proc.communicate(timeout=180)[0]
+    # (torchrun itself re-raises the signal and exits non-zero; what matters is what the workers did)
+    saved = list(out.glob("ckpt_*.pt"))
+    assert len(saved) == 1 and f"stopped at step {int(saved[0].stem[5:])}; continue with" in said, said[-3000:]
+    assert json.loads(open(out / "log.jsonl").readline())["config"]["micro_batch"] == 8  # 16 rows / 2 processes
 
 
 @pytest.mark.slow
