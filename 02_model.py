@@ -238,7 +238,8 @@ def _flex(device_type):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     if device_type != "cuda":
         return flex_attention, create_block_mask
-    return torch.compile(flex_attention), torch.compile(create_block_mask)
+    # static shapes: dynamic-shape flex with masks that read the batch index has had bugs
+    return torch.compile(flex_attention, dynamic=False), torch.compile(create_block_mask, dynamic=False)
 
 
 class Attention(nn.Module):
@@ -436,7 +437,7 @@ class KVCache:
             self.v = [torch.zeros(self.shape[1:], device=k.device, dtype=k.dtype) for _ in range(self.shape[0])]
             if k.device.type == "cuda":  # CUDA graphs may then keep reading them at the same address
                 for t in self.k + self.v + [self.doc_ids, self.pos]:
-                    torch._dynamo.mark_static_address(t)
+                    torch._dynamo.mark_static_address(t, guard=False)  # a new cache re-records, never recompiles
         self.k[layer].index_copy_(2, self.positions, k)
         self.v[layer].index_copy_(2, self.positions, v)
         return self.k[layer], self.v[layer]
@@ -836,7 +837,10 @@ class CompiledDecoder:
 
     def __init__(self, model):
         self.device_type = model.tok_embeddings.weight.device.type
-        self.compiled = torch.compile(functools.partial(decode_step, model), fullgraph=True, dynamic=False)
+        # on CUDA the options go to torch.compile itself, so any recompile keeps its CUDA graphs
+        cuda_options = {"triton.cudagraphs": True} if self.device_type == "cuda" else None
+        self.compiled = torch.compile(functools.partial(decode_step, model), fullgraph=True, dynamic=False,
+                                      options=cuda_options)
         self.shapes_compiled = set()
 
     def __call__(self, tokens, doc_ids, cache):
@@ -854,8 +858,6 @@ class CompiledDecoder:
         return out
 
     def inductor_options(self, batch):
-        if self.device_type == "cuda":
-            return {"triton.cudagraphs": True}
         if self.device_type != "cpu":
             return {}
         options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",

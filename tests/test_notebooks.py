@@ -3,13 +3,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import reference
+
 TUTORIALS = sorted((Path(__file__).resolve().parent.parent / "tutorials").glob("*.ipynb"))
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
 def test_notebook_executes(path, tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    nbformat, nbclient = reference("nbformat"), reference("nbclient")
     for var in ("JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "MPLCONFIGDIR"):
         monkeypatch.setenv(var, str(tmp_path / var.lower()))  # keep Jupyter and matplotlib out of $HOME
     notebook = nbformat.read(path, as_version=4)

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import reference
+
 pre = importlib.import_module("03_pretrain")
 tok = importlib.import_module("01_tokenizer")
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,6 +166,64 @@ def test_each_rank_takes_its_slice_of_the_global_batch(setup, tmp_path):
     parts = [pre.batch_for_step(shards, weights, cfg, 3, r, 2, 8)[0] for r in range(2)]
     assert torch.equal(torch.cat(parts), whole)
     assert not torch.equal(pre.batch_for_step(shards, weights, cfg, 4, 0, 1, 8)[0], whole)
+
+
+# --- the training step ----------------------------------------------------------------------------
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    mdl = importlib.import_module("02_model")
+    return mdl.Transformer(mdl.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50,
+                                         multiple_of=16, max_seq_len=32))
+
+
+def test_a_packed_row_trains_exactly_like_its_documents_run_separately():
+    """The document mask, through the training step and the loss the loop uses: one row packing two
+    documents gives the mean loss, and the weights after an AdamW step, of the two documents run on
+    their own (the first with the second's BOS as its last target, which it predicts from its own
+    tokens only). Without the mask the second document would see the first."""
+    doc1, doc2 = [1, 5, 6, 7, 8, 2], [1, 9, 10, 11, 2]
+    packed = (torch.tensor([doc1 + doc2]), torch.tensor([[0] * 6 + [1] * 5]))
+    alone = [(torch.tensor([doc1 + [1]]), torch.zeros(1, 7, dtype=torch.long)),
+             (torch.tensor([doc2]), torch.zeros(1, 5, dtype=torch.long))]
+    loss_fn = pre.pretraining_loss(pre.TrainConfig())
+    results = []
+    for micro_batches in ([packed], alone):
+        model = tiny_model()
+        optimizer = pre.make_optimizer(model, lr=1e-2)
+        loss, _ = pre.train_step(model, optimizer, micro_batches, loss_fn, lr=1e-2)
+        results.append((loss, model.state_dict()))
+    (packed_loss, packed_state), (alone_loss, alone_state) = results
+    assert abs(packed_loss - alone_loss) < 1e-6
+    assert all(torch.allclose(packed_state[k], alone_state[k], atol=1e-6) for k in packed_state)
+    no_mask = pre.pretraining_loss(pre.TrainConfig(doc_mask=False))
+    assert abs(pre.train_step(tiny_model(), pre.make_optimizer(tiny_model(), 1e-2), [packed], no_mask, 1e-2)[0]
+               - packed_loss) > 1e-4  # (the test can tell: without the mask the loss differs)
+
+
+def test_train_step_is_adamw_on_clipped_gradients_with_decay_on_matrices_only():
+    """Against torch's own pieces: the mean next-token loss over the whole batch, its gradients
+    clipped to a global norm of 0.05 (far below their norm, so clipping acts), then AdamW with
+    weight decay on the weight matrices but not on the norms' gains or the embedding."""
+    tokens = torch.randint(3, 50, (4, 17))
+    doc_ids = torch.zeros(4, 17, dtype=torch.long)
+    model = tiny_model()
+    optimizer = pre.make_optimizer(model, lr=3e-2, weight_decay=0.5)
+    decayed = {n for n, p in model.named_parameters() if any(p is q for q in optimizer.param_groups[0]["params"])}
+    assert decayed == {n for n, p in model.named_parameters() if p.dim() == 2 and n != "tok_embeddings.weight"}
+    loss, grad_norm = pre.train_step(model, optimizer, [(tokens[:3], doc_ids[:3]), (tokens[3:], doc_ids[3:])],
+                                     pre.pretraining_loss(pre.TrainConfig()), lr=3e-2, grad_clip=0.05)
+    reference = tiny_model()
+    logits = reference(tokens[:, :-1], doc_ids=doc_ids[:, :-1])
+    expected_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    expected_loss.backward()
+    expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05).item()
+    groups = [{"params": [p for n, p in reference.named_parameters() if n in decayed], "weight_decay": 0.5},
+              {"params": [p for n, p in reference.named_parameters() if n not in decayed], "weight_decay": 0.0}]
+    torch.optim.AdamW(groups, lr=3e-2, betas=(0.9, 0.95), eps=1e-5).step()
+    assert abs(loss - expected_loss.item()) < 1e-6 and abs(grad_norm - expected_norm) < 1e-5 and grad_norm > 0.5
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(ours, theirs, atol=1e-6), name
 
 
 # --- training runs -------------------------------------------------------------------------------
@@ -437,7 +497,7 @@ def test_tinystories_download_parse_and_train(server, setup, tmp_path):
 
 
 def test_parquet_documents(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    pa = reference("pyarrow")
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"text": ["first page", "second page"], "url": ["a", "b"]}), tmp_path / "web.parquet")
     docs = tok.load_corpus(str(tmp_path / "web.parquet"))

@@ -8,6 +8,8 @@ from collections import Counter
 import pytest
 import regex
 
+from conftest import reference
+
 HELD_OUT_EXTRAS = [
     "Hello, world! It's 2024; we're testing   whitespace\t\truns\n\n\n  and CRLF\r\nlines.",
     "Digits: 1 12 123 1234 12345 3.14159 -42 1e-9 0x7fff 1,000,000",
@@ -104,7 +106,7 @@ def test_real_llama3_test_vectors(llama3):
 def test_real_llama3_python_encoder_equals_hf_tokenizers(llama3, tokmod, corpus):
     """Hugging Face's Rust tokenizer reading the tokenizer.json shipped beside Meta's file is an
     independent implementation: our pure-Python encoder must give its ids."""
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = reference("tokenizers")
     hf = tokenizers.Tokenizer.from_file(str(tokmod.find_llama3_tokenizer().parent / "tokenizer.json"))
     _, val_docs = corpus
     plain = [t for t in HELD_OUT_EXTRAS if "<|" not in t]  # HF always splits out its added tokens
@@ -162,6 +164,22 @@ def test_our_file_loads_in_tiktoken_the_way_meta_loads_theirs(small_tokenizer, t
     path = tmp_path / "tokenizer.model"
     small_tokenizer.save(path)
     assert tiktoken.load.load_tiktoken_bpe(str(path)) == small_tokenizer.mergeable_ranks
+
+
+def test_metas_tokenizer_file_round_trips_byte_for_byte(llama3, tokmod, tmp_path):
+    """Loading Meta's real tokenizer.model and saving it writes the very same 2,183,982 bytes."""
+    tokmod.Tokenizer.load(tokmod.find_llama3_tokenizer()).save(tmp_path / "tokenizer.model")
+    assert (tmp_path / "tokenizer.model").read_bytes() == tokmod.find_llama3_tokenizer().read_bytes()
+
+
+def test_decoding_a_token_that_ends_mid_character_gives_the_replacement_character(llama3):
+    """Byte-level tokens can split a character: the llama emoji is four UTF-8 bytes, which Meta's
+    tokenizer encodes (after a space) as b" \\xf0\\x9f" + b"\\xa6" + b"\\x99". Decoding only some of them gives U+FFFD
+    (never an exception); decoding all of them gives the character back."""
+    ids = llama3.encode("a 🦙")
+    assert [llama3.id_to_bytes[i] for i in ids[-3:]] == [b" \xf0\x9f", b"\xa6", b"\x99"]
+    assert llama3.decode(ids[:-1]) == "a \ufffd" and llama3.decode(ids[-1:]) == "\ufffd"
+    assert llama3.decode(ids) == "a 🦙"
 
 
 @pytest.mark.parametrize("bad_line, problem", [("QUJD", "malformed"), ("QUJD x", "malformed"),
@@ -284,6 +302,24 @@ def test_user_data_txt_folder_and_jsonl(tokmod, tmp_path):
 def test_bad_data_gets_a_clear_error(tokmod, tmp_path, setup, error, message):
     with pytest.raises(error, match=message):
         tokmod.load_corpus(str(setup(tmp_path)))
+
+
+def test_the_error_paths_01_documents(tokmod, tmp_path):
+    """Each error a docstring of 01 promises, with the words that tell the user what to do."""
+    with pytest.raises(tok.UserError, match="at least the 256 single bytes"):
+        tokmod.train_bpe(["abc"], n_bpe=100)
+    with pytest.raises(tok.UserError, match="unknown sources .*the default corpus has"):
+        list(tokmod.iter_documents(sources=["klingon"]))
+    with pytest.raises(tok.UserError, match="unknown --dataset 'c4'; available"):
+        tokmod.dataset_documents("c4", tmp_path)
+    (tmp_path / "n.jsonl").write_text('{"text": 5}\n')
+    with pytest.raises(tok.UserError, match=r"n.jsonl:1: \"text\" must be a string"):
+        tokmod.load_corpus(str(tmp_path / "n.jsonl"))
+    (tmp_path / "table.csv").write_text("a,b")
+    with pytest.raises(tok.UserError, match="expected a .txt, .md, .jsonl, .parquet file"):
+        tokmod.load_corpus(str(tmp_path / "table.csv"))
+    with pytest.raises(tok.UserError, match="a message must be a dict with 'role' and 'content'"):
+        tokmod.Tokenizer({bytes([b]): b for b in range(256)}).encode_dialog(["hello"])
 
 
 def test_vocab_too_small_for_bytes_and_specials(tokmod):
