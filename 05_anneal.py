@@ -382,6 +382,13 @@ def benchmarks(train, val, tokenizer, cfg, sources, log):
     return math_items, completion_items
 
 
+def probe_mixes(weights, source):
+    """§3.1.3's two annealing mixes: the control (the default mix without the candidate source) and
+    30% candidate + 70% that same mix."""
+    control = pre.normalised({s: w for s, w in weights.items() if s != source})
+    return control, {**{s: 0.7 * w for s, w in control.items()}, source: 0.3}
+
+
 def run_probe(flags, cfg, train, val, device, out):
     """§3.1.3: anneal a half-trained model with 30% candidate data, and a 0% control, then compare."""
     if flags.probe_init:
@@ -396,8 +403,7 @@ def run_probe(flags, cfg, train, val, device, out):
     tokenizer_path = Path(flags.data_dir).parent / "tokenizer.model"
     tokenizer = tok.Tokenizer.load(tokenizer_path)
     train, source = probe_source(train, tokenizer, tokenizer_path, flags.probe, out / "probe_data", print)
-    base = pre.normalised({s: w for s, w in pre.mix_weights(train, "paper").items() if s != source})
-    candidate = {**{s: 0.7 * w for s, w in base.items()}, source: 0.3}
+    base, candidate = probe_mixes(pre.mix_weights(train, "paper"), source)
     seq_len = mdl.load_checkpoint(ckpt_path)[1].max_seq_len  # memory-mapped: only the args are read
     math_items, completion_items = benchmarks(train, val, tokenizer, cfg, list(candidate), print)
     results = {}

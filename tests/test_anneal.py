@@ -2,6 +2,7 @@
 hand-made cases, no benchmark item in the annealing data, and the chapter end to end."""
 import importlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 an = importlib.import_module("05_anneal")
 pre = importlib.import_module("03_pretrain")
 tok = importlib.import_module("01_tokenizer")
+mdl = importlib.import_module("02_model")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -90,8 +92,7 @@ def test_anneal_end_to_end_and_no_benchmark_item_in_the_annealing_data(annealed,
     out = annealed
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["results"]) == ["04 model", "annealed (last)", "averaged"]
-    for r in metrics["results"].values():
-        assert 0 <= r["math_accuracy"] <= 1 and 0 <= r["completion_token_accuracy"] <= 1
+    assert metrics["results"]["averaged"]["val_loss"] != metrics["results"]["annealed (last)"]["val_loss"]
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert len(log) == 12 and log[-1]["lr"] == 0.0
     saved = torch.load(out / "model.pt", weights_only=True)
@@ -129,6 +130,90 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(annealed, long_context,
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     results = lambda folder: json.loads((folder / "metrics.json").read_text())["results"]
     assert results(out) == results(annealed)
+
+
+def test_upsampling_doubles_math_and_code_against_general_text(tmp_path):
+    """Llama 3 §3.4.3's annealing mix: the paper's shares with math and code upsampled 2x, renormalised."""
+    tokenizer = tok.Tokenizer.train(["alpha beta gamma delta " * 50], vocab_size=600)
+    for source, n in (("prose", 300), ("python_code", 200), ("synthetic_math", 100)):
+        (tmp_path / "data" / source).mkdir(parents=True)
+        (tmp_path / "data" / source / "a.txt").write_text("alpha beta " * n)
+    pre.prepare_shards(lambda: tok.iter_documents(str(tmp_path / "data")), tokenizer, None if False else
+                       _save(tokenizer, tmp_path), tmp_path / "shards", "x", log=lambda *a, **k: None)
+    train = pre.TokenShards(tmp_path / "shards", "train")
+    paper, annealing = pre.mix_weights(train, "paper"), an.anneal_weights(train, "math=2,code=2")
+    assert paper == pytest.approx({"prose": 50 / 92, "python_code": 17 / 92, "synthetic_math": 25 / 92})
+    assert annealing == pytest.approx({"prose": 50 / 134, "python_code": 34 / 134, "synthetic_math": 50 / 134})
+
+
+def _save(tokenizer, folder):
+    tokenizer.save(folder / "tokenizer.model")
+    return folder / "tokenizer.model"
+
+
+def test_the_probe_anneals_on_30_percent_candidate_and_70_percent_of_the_control_mix():
+    control, candidate = an.probe_mixes({"bible": 0.5, "code": 0.3, "new": 0.2}, "new")
+    assert control == pytest.approx({"bible": 0.625, "code": 0.375})
+    assert candidate == pytest.approx({"bible": 0.4375, "code": 0.2625, "new": 0.3})
+
+
+def test_scoring_counts_right_answers_and_matching_tokens(pretrained, monkeypatch):
+    """evaluate() on answers we choose: all right, then all wrong (through the real prompt building,
+    decoding, answer extraction and counting)."""
+    folder, tokenizer = pretrained
+    model = mdl.Transformer(mdl.ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tokenizer.n_words,
+                                          max_seq_len=512))  # room for the few-shot prompts; it answers nothing itself
+    val = pre.TokenShards(folder / "03" / "data", "val")
+    math_items = an.math_benchmark(6)
+    completion_items = an.completion_benchmark(val, tokenizer, 5)
+    cfg = an.AnnealConfig(eval_rows=2, dtype="float32")
+    def answering(right):
+        def fake_generate(model, prompts, max_new_tokens, stop_tokens=()):
+            if stop_tokens:  # the math prompts
+                return [tokenizer.encode(f" {a + (0 if right else 1)} + 0 = {a}. The answer is {a + (0 if right else 1)}.")
+                        for (_, a) in math_items[:len(prompts)]]
+            return [t if right else [t[0] + 1] + t[1:] for _, t in completion_items[:len(prompts)]]
+        return fake_generate
+    monkeypatch.setattr(an.mdl, "generate", answering(True))
+    right = an.evaluate(model, tokenizer, math_items, completion_items, val, 64, cfg, torch.device("cpu"))
+    monkeypatch.setattr(an.mdl, "generate", answering(False))
+    wrong = an.evaluate(model, tokenizer, math_items, completion_items, val, 64, cfg, torch.device("cpu"))
+    assert right["math_accuracy"] == 1.0 and right["completion_exact"] == 1.0 and right["completion_token_accuracy"] == 1.0
+    assert wrong["math_accuracy"] == 0.0 and wrong["completion_exact"] == 0.0
+    n_tokens = sum(len(t) for _, t in completion_items)
+    assert wrong["completion_token_accuracy"] == pytest.approx((n_tokens - len(completion_items)) / n_tokens)
+
+
+def test_a_planted_benchmark_item_is_dropped_and_the_base_model_is_the_mean_of_the_snapshots_taken(
+        pretrained, long_context, tmp_path, monkeypatch, capsys):
+    """End to end: a math benchmark question planted verbatim in the annealing data is dropped (and
+    only it), and model.pt is the mean of exactly the snapshots the run took (spied on as they go)."""
+    folder, tokenizer = pretrained
+    planted = an.math_benchmark(10)[3][0]
+    data = tmp_path / "data"
+    shutil.copytree(folder / "data", data)
+    # a training document (not held out by its name's hash) that sorts first, far from the tail of the
+    # source that build_shards may carve into validation
+    stem = next(s for s in (f"AAA_planted{i}" for i in range(100)) if not tok.is_held_out(f"bible/bible/{s}"))
+    (data / "bible" / f"{stem}.txt").write_text(f"And it came to pass.\nQuestion: {planted}\nAnswer: I know.\n")
+    pre.prepare_shards(lambda: tok.iter_documents(str(data)), tokenizer, folder / "tokenizer.model",
+                       tmp_path / "shards", "planted", log=lambda *a, **k: None)
+    taken = []
+    real_add = an.PolyakAverage.add
+    monkeypatch.setattr(an.PolyakAverage, "add", lambda self, sd: (taken.append({k: v.clone() for k, v in sd.items()}),
+                                                                   real_add(self, sd))[1])
+    an.main(["--init", str(long_context), "--data-dir", str(tmp_path / "shards"), "--out", str(tmp_path / "05"),
+             "--steps", "6", "--batch-tokens", "512", "--snapshots", "3", "--math-items", "10",
+             "--completion-items", "4", "--eval-rows", "4", "--device", "cpu"])
+    said = capsys.readouterr().out
+    assert "dropped 1 of 10 math items" in said, [l for l in said.splitlines() if "contamination" in l]
+    assert json.loads((tmp_path / "05" / "metrics.json").read_text())["benchmark_items"]["math"] == 9
+    assert len(taken) == 3  # snapshot_steps(6, 3): after steps 3, 4 (rounded) and 6, each once
+    saved = torch.load(tmp_path / "05" / "model.pt", weights_only=True)["model"]
+    for k in saved:
+        assert torch.allclose(saved[k], torch.stack([s[k] for s in taken]).mean(0), atol=1e-6), k
+    last = torch.load(tmp_path / "05" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(last[k], taken[-1][k]) for k in last)  # the last snapshot is the last step
 
 
 def test_probe_with_new_data(pretrained, long_context, tmp_path, capsys):

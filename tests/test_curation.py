@@ -68,6 +68,16 @@ def test_minhash_finds_a_near_duplicate_and_not_an_unrelated_text(tokenizer, cor
     assert pre.near_duplicates(signatures) == {1}  # the edited copy goes, the original and the rest stay
 
 
+def test_near_duplicates_at_exactly_the_threshold_are_duplicates():
+    """The threshold is inclusive (Jaccard >= threshold). At the default 0.8 no estimate from 64 slots
+    can equal it (0.8 x 64 = 51.2), so this checks 0.75: two signatures agreeing in exactly 48 of 64
+    slots (the first 12 bands, so they are candidates) are duplicates at 0.75, not at 0.76."""
+    signatures = np.arange(128, dtype=np.uint64).reshape(2, 64)
+    signatures[1, :48] = signatures[0, :48]
+    assert pre.near_duplicates(signatures, threshold=0.75) == {1}
+    assert pre.near_duplicates(signatures, threshold=0.76) == set()
+
+
 def test_semantic_dedup_drops_a_reordered_copy(tokenizer, corpus):
     _, val_docs = corpus
     texts = [d.text[:4000] for d in val_docs[:12]]

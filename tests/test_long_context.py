@@ -4,6 +4,7 @@ import importlib
 import json
 import math
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,49 @@ def test_niah_scorer_with_oracles(pretrained):
         lc.niah_accuracy(model, tokenizer, filler, [256], depths, trials=1, answer=oracle)
 
 
+class NeedleCopier(mdl.Transformer):
+    """Not a language model: a stand-in that reads the needle from what it was given (prefill and the
+    tokens generated since) and answers it, token by token, through the real `generate` (left
+    padding, KV cache, stop tokens) and decoding. It misses a needle that starts within the first
+    `blind` positions of a prompt."""
+
+    def __init__(self, args, tokenizer, blind=0):
+        super().__init__(args)
+        self.tokenizer, self.blind, self.seen = tokenizer, blind, None
+        self.needle_prefix = tokenizer.encode(" The secret number is")
+
+    def forward(self, tokens, doc_ids=None, cache=None, last_only=False):
+        if self.seen is None or tokens.shape[1] > 1:  # a new prefill: forget the last prompts
+            self.seen = [[] for _ in range(tokens.shape[0])]
+        logits = torch.full((tokens.shape[0], 1, self.args.vocab_size), -1e9)
+        for row in range(tokens.shape[0]):
+            self.seen[row] += [t for t, d in zip(tokens[row].tolist(), doc_ids[row].tolist()) if d >= 0]
+            logits[row, 0, self.next_token(self.seen[row])] = 0.0
+        return logits
+
+    def next_token(self, seen):
+        p = self.needle_prefix
+        at = next(i for i in range(len(seen) - len(p)) if seen[i:i + len(p)] == p) + len(p)  # the " " before N
+        answer = self.tokenizer.encode(" 1.") if at - len(p) < self.blind else seen[at:at + 3]  # " ", "N", "."
+        # how much of the answer has been generated: count the tokens after the question's last word
+        question_end = max(i + len(p) for i in range(len(seen) - len(p) + 1) if seen[i:i + len(p)] == p)
+        done = len(seen) - question_end
+        return answer[done] if done < len(answer) else self.tokenizer.eot_id
+
+
+def test_niah_with_real_greedy_generation_from_a_model_that_can_answer(pretrained):
+    """niah_accuracy through greedy_answers, i.e. generate on real token ids, batched per cell with
+    left padding: 100% for a model that answers, and 0% exactly where it cannot see the needle."""
+    _, tokenizer = pretrained
+    args = mdl.ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tokenizer.n_words, max_seq_len=128)
+    filler = np.array(tokenizer.encode("the quick brown fox jumps over the lazy dog " * 200))
+    depths = (0.0, 0.5, 1.0)
+    grid = lc.niah_accuracy(NeedleCopier(args, tokenizer), tokenizer, filler, [64, 128], depths, trials=3)
+    assert (grid == 1).all()
+    grid = lc.niah_accuracy(NeedleCopier(args, tokenizer, blind=3), tokenizer, filler, [64, 128], depths, trials=3)
+    assert (grid[0] == 0).all() and (grid[1:] == 1).all()
+
+
 def test_rope_levers_change_only_the_intended_bands():
     base = mdl.ModelArgs(dim=256, n_heads=2, n_kv_heads=2, max_seq_len=256)  # head_dim 128
     f0 = mdl.rope_frequencies(base)
@@ -100,6 +144,98 @@ def test_short_extension_updates_the_context_and_lowers_long_position_loss(long_
         assert {"short_loss", "short_loss_before", "recovered", "niah", "niah_solved"} <= set(s)
     assert stages[-1]["long_position_loss"] < stages[0]["long_position_loss_before"]
     assert (out / "niah.png").stat().st_size > 1000 and (out / "rope.png").is_file()
+
+
+def test_training_rows_mix_whole_passkey_documents_into_packed_corpus_rows(pretrained):
+    folder, tokenizer = pretrained
+    train = pre.TokenShards(folder / "03" / "data", "train")
+    filler = lc.haystack(train, tokenizer)
+    tokens, doc_ids = lc.training_rows(train, pre.mix_weights(train), filler, tokenizer, 400, 64, 0.25,
+                                       np.random.default_rng(0))
+    assert tokens.shape == doc_ids.shape == (400, 65)
+    passkey = [i for i in range(400) if "The secret number is" in tokenizer.decode(tokens[i].tolist())]
+    assert abs(len(passkey) / 400 - 0.25) < 4 * (0.25 * 0.75 / 400) ** 0.5  # binomial: within 4 sd
+    for i in passkey:
+        text = tokenizer.decode(tokens[i].tolist())
+        number = re.search(r"The secret number is (\d+)\. ", text).group(1)
+        assert text.startswith("<|begin_of_text|>") and (doc_ids[i] == 0).all()  # one document, whole
+        assert f"What is the secret number? The secret number is {number}." in text  # answered
+    corpus = [i for i in range(400) if i not in passkey]
+    assert all((doc_ids[i][1:] >= doc_ids[i][:-1]).all() for i in corpus)  # packed windows: documents in order
+
+
+def test_the_stage_gate_decides_and_extra_steps_come_in_chunks_of_20(pretrained, tmp_path, monkeypatch):
+    """§3.4.2's rule: a stage ends when its gate passes, else trains 20 more steps at a time up to
+    extra_steps. Here the gate fails twice, then passes: 30 + 20 + 20 steps, three gate checks."""
+    folder, tokenizer = pretrained
+    model, _ = mdl.load_checkpoint(folder / "03", mmap=False)
+    train = pre.TokenShards(folder / "03" / "data", "train")
+    data = pre.Data(train, pre.TokenShards(folder / "03" / "data", "val"), pre.mix_weights(train))
+    cfg = lc.LongContextConfig(stages=(96,), steps_per_stage=30, extra_steps=50, batch_tokens=384, eval_rows=2)
+    extension = lc.Extension(model, tokenizer, data, cfg, torch.device("cpu"), tmp_path, log=lambda *a: None)
+    extension.short_before = 5.0
+    trained, verdicts = [], iter([False, False, True])
+    monkeypatch.setattr(extension, "train_steps", lambda n, stage, length, done: trained.append(n))
+    monkeypatch.setattr(extension, "gate", lambda stage, lengths: (4.0, np.ones((1, 1)), True, next(verdicts)))
+    with open(tmp_path / "log.jsonl", "w") as extension.log_file:
+        extension.run_stage(1, 96, [64, 96])
+    assert trained == [30, 20, 20] and extension.records[-1]["steps"] == 70 and extension.records[-1]["niah_solved"]
+    trained.clear()
+    monkeypatch.setattr(extension, "gate", lambda stage, lengths: (9.0, np.zeros((1, 1)), False, False))
+    with open(tmp_path / "log.jsonl", "a") as extension.log_file:
+        extension.run_stage(1, 96, [64, 96])
+    assert trained == [30, 20, 20, 10] and not extension.records[-1]["recovered"]  # never passes: 30 + 50
+
+
+def test_the_gate_allows_three_percent_above_the_short_context_loss_and_needs_every_needle(pretrained, tmp_path,
+                                                                                     monkeypatch):
+    folder, tokenizer = pretrained
+    model, _ = mdl.load_checkpoint(folder / "03", mmap=False)
+    train = pre.TokenShards(folder / "03" / "data", "train")
+    data = pre.Data(train, pre.TokenShards(folder / "03" / "data", "val"), pre.mix_weights(train))
+    extension = lc.Extension(model, tokenizer, data, lc.LongContextConfig(stages=(96,)), torch.device("cpu"), tmp_path)
+    extension.short_before = 4.0
+    grids = iter([np.ones((2, 2)), np.ones((2, 2)), np.array([[1.0, 1.0], [1.0, 2 / 3]])])
+    monkeypatch.setattr(lc, "niah_accuracy", lambda *a, **k: next(grids))
+    for short, recovered, solved in ((4.1, True, True), (4.2, False, True), (3.0, True, False)):
+        monkeypatch.setattr(extension, "short_context_loss", lambda: short)
+        assert extension.gate(1, [64, 96])[2:] == (recovered, solved)  # 4.1 <= 4.12 < 4.2
+
+
+def test_the_recorded_gate_follows_from_the_recorded_losses_and_grid(long_context):
+    for stage in json.loads((long_context / "metrics.json").read_text())["stages"]:
+        assert stage["recovered"] == (stage["short_loss"] <= stage["short_loss_before"] * 1.03)
+        assert stage["niah_solved"] == bool((np.array(stage["niah"]) == 1).all())
+
+
+def test_each_stage_warms_up_from_a_rate_above_zero(long_context):
+    cfg = json.loads((long_context / "metrics.json").read_text())["config"]
+    log = [json.loads(line) for line in open(long_context / "log.jsonl") if '"stage_step"' in line]
+    firsts = [r for r in log if r["stage_step"] == 1]
+    assert len(firsts) == 2 and all(r["lr"] == cfg["lr"] / cfg["warmup"] for r in firsts)
+    assert all(r["lr"] == cfg["lr"] for r in log if r["stage_step"] >= cfg["warmup"])
+
+
+def test_the_document_mask_ablation_and_the_theta_lever_end_to_end(pretrained, long_context, tmp_path, capsys):
+    """--no-doc-mask trains the same extension with plain causal attention into no_doc_mask/ and prints
+    it beside the masked run; --rope theta raises θ in proportion to the length instead of scaling."""
+    folder, _ = pretrained
+    out = tmp_path / "04"
+    out.mkdir()
+    shutil.copy(long_context / "metrics.json", out / "metrics.json")  # the masked run, already done
+    lc.main(long_context_argv(folder, out) + ["--no-doc-mask"])
+    ablation = json.loads((out / "no_doc_mask" / "metrics.json").read_text())
+    assert ablation["config"]["doc_mask"] is False and not (out / "model.pt").exists()
+    masked = torch.load(long_context / "model.pt", weights_only=True)["model"]
+    unmasked = torch.load(out / "no_doc_mask" / "model.pt", weights_only=True)["model"]
+    assert not torch.equal(masked["layers.0.attention.wq.weight"], unmasked["layers.0.attention.wq.weight"])
+    table = capsys.readouterr().out
+    assert "document mask" in table and "no mask" in table
+    lc.main(["--init", str(folder / "03"), "--out", str(tmp_path / "theta"), "--stages", "96", "--rope", "theta",
+             "--steps-per-stage", "3", "--extra-steps", "0", "--batch-tokens", "384", "--niah-trials", "1",
+             "--eval-rows", "2", "--device", "cpu"])
+    _, args = mdl.load_checkpoint(tmp_path / "theta")
+    assert args.max_seq_len == 96 and not args.use_scaled_rope and args.rope_theta == 500_000.0 * 96 / 64
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_run(pretrained, long_context, tmp_path):

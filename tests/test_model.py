@@ -281,15 +281,16 @@ def test_compiled_generation_without_a_compiler_says_what_to_do():
 
 
 def test_generation_stops_on_stop_tokens():
+    """Each row of a batch ends before its own first stop token. The stop tokens are chosen to occur
+    in both rows' free generations, at different places, so that a row ignoring them would show."""
     model = random_model(tiny())
-    free = m.generate(model, [[1, 2, 3]], max_new_tokens=15)[0]
-    stop = free[5]
-    first = free.index(stop)
-    assert m.generate(model, [[1, 2, 3]], max_new_tokens=15, stop_tokens=[stop])[0] == free[:first]
-    other = m.generate(model, [[4, 5]], max_new_tokens=15)[0]
-    both = m.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=15, stop_tokens=[stop])
-    assert both[0] == free[:first]
-    assert both[1] == (other[:other.index(stop)] if stop in other else other)  # each row stops on its own
+    prompts = [[1, 2, 3], [4, 5]]
+    free = [m.generate(model, [p], max_new_tokens=20)[0] for p in prompts]
+    stops = [free[0][4], free[1][8]]  # one from each row, wherever they first appear in either
+    expected = [next((row[:i] for i, t in enumerate(row) if t in stops), row) for row in free]
+    assert all(0 < len(e) < 20 for e in expected), "pick other prompts: a row never meets a stop token"
+    assert [m.generate(model, [p], max_new_tokens=20, stop_tokens=stops)[0] for p in prompts] == expected
+    assert m.generate(model, prompts, max_new_tokens=20, stop_tokens=stops) == expected
 
 
 def test_sampling_temperature_and_top_p():

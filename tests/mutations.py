@@ -1,0 +1,135 @@
+"""
+Plant realistic bugs one at a time and check that the test suite catches each (a mutation audit).
+
+    python tests/mutations.py                 # every mutation (~5 minutes on 2 cores)
+    python tests/mutations.py rope_blend_swapped kv_cache_positions   # some of them
+
+Each mutation replaces one exact piece of a chapter (it must occur exactly once) in a scratch copy
+of the repository, runs only the tests mapped to it, and counts it caught when they fail. Not part
+of the default test run: it runs pytest once per mutation. A chapter that adds a behaviour adds its
+mutations here, so a test that can no longer fail shows up as "MISSED".
+"""
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name: (file, original text, planted bug, tests that must catch it)
+MUTATIONS = {
+    "doc_mask_dropped": (
+        "03_pretrain.py", "doc_ids=doc_ids[:, :-1] if doc_mask else None)  # (b, T, V)", "doc_ids=None)  # (b, T, V)",
+        "tests/test_pretrain.py -k packed_row"),
+    "mean_of_micro_batch_means": (
+        "03_pretrain.py", 'reduction="sum")\n    return loss, tokens[:, 1:].numel()', 'reduction="mean")\n    return loss, 1',
+        "tests/test_pretrain.py -k packed_row"),
+    "no_gradient_clipping": (
+        "03_pretrain.py", "clip_grad_norm_(model.parameters(), grad_clip)",
+        'clip_grad_norm_(model.parameters(), float("inf"))', "tests/test_pretrain.py -k adamw"),
+    "embedding_weight_decayed": (
+        "03_pretrain.py", 'decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in n]',
+        "decay = [p for n, p in model.named_parameters() if p.dim() >= 2]", "tests/test_pretrain.py -k adamw"),
+    "resume_keeps_lost_steps_in_the_log": (
+        "03_pretrain.py", 'lambda r: r.get("step", 0) <= resume_at', "lambda r: True",
+        "tests/test_pretrain.py -k sigkill"),
+    "checkpoint_not_fsynced": (
+        "01_tokenizer.py", "        os.fsync(f.fileno())\n", "", "tests/test_pretrain.py -k durably"),
+    "rope_blend_swapped": (
+        "02_model.py", "blended = (1 - smooth) * freqs / args.rope_scale_factor + smooth * freqs",
+        "blended = smooth * freqs / args.rope_scale_factor + (1 - smooth) * freqs", "tests/test_model.py -k blend"),
+    "rope_rotates_the_wrong_way": (
+        "02_model.py", "torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)",
+        "torch.stack([x0 * cos + x1 * sin, -x0 * sin + x1 * cos], dim=-1)", "tests/test_model.py -k relative_position"),
+    "kv_cache_positions": (
+        "02_model.py", "cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, Dh/2)",
+        "cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, Dh/2)", "tests/test_model.py -k kv_cache_decode"),
+    "gqa_heads_grouped_wrongly": (
+        "02_model.py", "return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)",
+        "return x if n_rep == 1 else x.repeat(1, n_rep, 1, 1)", "tests/test_model.py -k math_paths"),
+    "temperature_ignored": (
+        "02_model.py", "probs = F.softmax(logits / temperature, dim=-1)", "probs = F.softmax(logits, dim=-1)",
+        "tests/test_model.py -k sampling"),
+    "stop_token_only_for_the_first_row": (
+        "02_model.py", "finished[row] = finished[row] or token in stop",
+        "finished[row] = finished[row] or (token in stop and row == 0)", "tests/test_model.py -k stops"),
+    "user_text_becomes_special_tokens": (
+        "01_tokenizer.py", 'self.encode(message["content"].strip()) + [self.eot_id]',
+        'self.encode(message["content"].strip(), allowed_special="all") + [self.eot_id]',
+        "tests/test_tokenizer.py -k inject"),
+    "bpe_rightmost_on_ties": (
+        "01_tokenizer.py", "if rank is not None and (best_rank is None or rank < best_rank):",
+        "if rank is not None and (best_rank is None or rank <= best_rank):", "tests/test_tokenizer.py -k equals_tiktoken"),
+    "minhash_threshold_exclusive": (
+        "03_pretrain.py", "np.mean(signatures[j] == signatures[k]) >= threshold",
+        "np.mean(signatures[j] == signatures[k]) > threshold", "tests/test_curation.py -k threshold"),
+    "stage_warmup_starts_at_zero": (
+        "04_long_context.py", "lr = self.cfg.lr * min(1.0, (i + 1) / self.cfg.warmup)",
+        "lr = self.cfg.lr * min(1.0, i / self.cfg.warmup)", "tests/test_long_context.py -k warms_up"),
+    "gate_ignores_the_tolerance": (
+        "04_long_context.py", "short <= self.short_before * (1 + self.cfg.recover_tolerance)",
+        "short <= self.short_before", "tests/test_long_context.py -k three_percent"),
+    "passkey_rows_lose_their_answer": (
+        "04_long_context.py", "number, with_answer=True)[:length + 1]", "number, with_answer=False)[:length + 1]",
+        "tests/test_long_context.py -k training_rows"),
+    "math_benchmark_not_decontaminated": (
+        "05_anneal.py",
+        "math_items, dropped_math = contamination_filter(math_benchmark(cfg.math_items), corpus_text, lambda item: item[0])",
+        "math_items, dropped_math = math_benchmark(cfg.math_items), 0", "tests/test_anneal.py -k planted"),
+    "last_snapshot_averaged_twice": (
+        "05_anneal.py", "    if log_file:\n        log_file.close()\n    return average",
+        "    if log_file:\n        log_file.close()\n    average.add(model.state_dict())\n    return average",
+        "tests/test_anneal.py -k planted"),
+    "upsampling_ignored": (
+        "05_anneal.py", "w * factors.get(pre.category_of(s), 1.0)", "w", "tests/test_anneal.py -k upsampling"),
+}
+
+
+def scratch_copy(folder):
+    """The repository's files as git sees them (tracked, and untracked but not ignored)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    for name in listed:
+        if (ROOT / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, folder / name)
+
+
+def run(names):
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        scratch_copy(scratch)
+        tests = sorted({t for name in names for t in MUTATIONS[name][3].split(" -k ")[:1]})
+        selection = " or ".join(sorted({MUTATIONS[name][3].split(" -k ")[1] for name in names}))
+        baseline = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+                                   *tests, "-k", selection], cwd=scratch, capture_output=True, text=True)
+        if baseline.returncode != 0:  # a mapped test that fails without any bug would count as "caught"
+            print(baseline.stdout[-3000:])
+            raise SystemExit("the mapped tests fail on the unmutated code: fix them first")
+        for name in names:
+            file, original, planted, tests = MUTATIONS[name]
+            path = scratch / file
+            source = path.read_text()
+            if source.count(original) != 1:
+                results[name] = f"STALE: the original text occurs {source.count(original)} times in {file}"
+                print(f"{name:<40} {results[name]}", flush=True)
+                continue
+            path.write_text(source.replace(original, planted))
+            t0 = time.time()
+            test = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                   "-m", "not slow", *tests.split()], cwd=scratch, capture_output=True, text=True)
+            path.write_text(source)
+            # exit status 1: a test failed (caught); 0: all passed (missed); 5: nothing selected (stale map)
+            results[name] = {1: "caught", 0: "MISSED"}.get(test.returncode, f"ERROR (pytest exit {test.returncode})")
+            print(f"{name:<40} {results[name]:<7} ({time.time() - t0:.0f} s, {tests})", flush=True)
+    missed = [n for n, r in results.items() if r != "caught"]
+    print(f"\n{len(results) - len(missed)} of {len(results)} planted bugs caught" + (f"; not: {', '.join(missed)}" if missed else ""))
+    return not missed
+
+
+if __name__ == "__main__":
+    sys.exit(0 if run(sys.argv[1:] or list(MUTATIONS)) else 1)
