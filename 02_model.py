@@ -165,10 +165,10 @@ def rope_cos_sin(args, device=None):
 def apply_rope(x, cos, sin):
     """Rotate each adjacent pair (x[2i], x[2i+1]) by its angle, like multiplying the complex number
     x[2i] + j·x[2i+1] by e^(j·angle) (Meta's layout; Hugging Face splits halves instead).
-    x: (B, T, H, Dh); cos, sin: (T, Dh/2)."""
+    x: (B, T, H, Dh); cos, sin: (T, Dh/2), or (B, T, Dh/2) when rows have positions of their own."""
     x_pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, Dh/2, 2)
     x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, Dh/2): the same angle for every head
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T or B·T, 1, Dh/2): the same angle for every head
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, H, Dh/2, 2)
     return rotated.flatten(-2).type_as(x)  # (B, T, H, Dh)
 
@@ -184,6 +184,19 @@ def attention_mask(q_doc, k_doc, q_pos, k_pos):
     same_doc = q_doc[:, :, None] == k_doc[:, None, :]  # (B, Tq, Tk)
     causal = k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk)
     return (same_doc & causal)[:, None]  # (B, 1, Tq, Tk): one mask for all heads
+
+
+def shared_prefix_mask(branches):
+    """For rows where several continuations share one prefix (Llama 3 §4.1.2 scores a prompt's
+    responses in one row): branches (B, T) is 0 on the prefix, k on the k-th continuation, -1 on
+    padding. A token attends to earlier tokens of its own branch and, from a branch, to the prefix;
+    never to another branch. -> (B, 1, T, T)."""
+    T = branches.shape[1]
+    index = torch.arange(T, device=branches.device)
+    causal = index[None, :] <= index[:, None]  # (T, T)
+    same_branch = branches[:, :, None] == branches[:, None, :]  # (B, T, T)
+    prefix = (branches[:, None, :] == 0) & (branches[:, :, None] > 0)  # (B, T, T): branch -> prefix
+    return ((same_branch | prefix) & causal)[:, None]
 
 
 def attention_math(q, k, v, mask=None):
@@ -338,13 +351,20 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
         self.init_rope()
 
-    def forward(self, tokens, doc_ids=None, cache=None, last_only=False):
+    def forward(self, tokens, doc_ids=None, cache=None, last_only=False, branches=None):
         """tokens: (B, T) ids -> logits (B, T, V) in float32.
         doc_ids: (B, T) document index per token in a packed row (Llama 3 §3.2 document mask);
         tokens attend only to earlier tokens of the same document. Padding can be its own document.
         cache: a KVCache; the tokens continue from cache.pos, and the cache grows by T.
         last_only: logits of the last position only, (B, 1, V): all that generation needs. It skips
-        the output head for the rest of a prompt, ~40% of the tiny preset's prefill FLOPs."""
+        the output head for the rest of a prompt, ~40% of the tiny preset's prefill FLOPs.
+        branches: (B, T) for rows of one shared prefix and several continuations (see
+        shared_prefix_mask); each continuation's positions go on from the end of the prefix, so it
+        computes exactly what it would alone after the prefix."""
+        return self.output(self.hidden(tokens, doc_ids, cache, last_only, branches)).float()  # (B, T or 1, V)
+
+    def hidden(self, tokens, doc_ids=None, cache=None, last_only=False, branches=None):
+        """The final hidden states (B, T or 1, D), normed: what the output head (or a reward head) reads."""
         B, T = tokens.shape
         if cache is None and T > self.args.max_seq_len:
             raise ValueError(f"{T} positions exceed max_seq_len={self.args.max_seq_len} of this model")
@@ -358,6 +378,10 @@ class Transformer(nn.Module):
             k_doc = cache.update_doc_ids(q_doc)  # (B, L): every slot of the cache
             # Keys are all L slots; the ones not written yet lie in the future, so causality hides them.
             mask = attention_mask(q_doc, k_doc, positions, cache.slots)  # (B, 1, T, L)
+        elif branches is not None:
+            mask = shared_prefix_mask(branches)  # (B, 1, T, T)
+            positions = mask[:, 0].sum(-1) - 1  # (B, T): how many tokens each one sees, itself included
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, Dh/2)
         else:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, Dh/2)
             if doc_ids is not None:
@@ -374,7 +398,7 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, mask, (cache, i) if cache is not None else None)
         if last_only:
             h = h[:, -1:]  # (B, 1, D)
-        return self.output(self.norm(h)).float()  # (B, T or 1, V)
+        return self.norm(h)
 
 
 # -----------------------------------------------------------------------------

@@ -1173,8 +1173,10 @@ def for_device(cfg, device):
     "auto" is bf16 autocast on CUDA and fp32 elsewhere; micro_batch 0 is the whole batch in one pass
     on a CPU and one row at a time on a GPU (rows there are long)."""
     cuda = device.type == "cuda"
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32")
-    return replace(cfg, dtype=dtype, micro_batch=cfg.micro_batch or (1 if cuda else 0))
+    changes = {"dtype": cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32")}
+    if hasattr(cfg, "micro_batch"):
+        changes["micro_batch"] = cfg.micro_batch or (1 if cuda else 0)
+    return replace(cfg, **changes)
 
 
 def claim_run_folder(out, resume):
