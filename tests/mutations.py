@@ -83,6 +83,19 @@ MUTATIONS = {
         "05_anneal.py", "    if log_file:\n        log_file.close()\n    return average",
         "    if log_file:\n        log_file.close()\n    average.add(model.state_dict())\n    return average",
         "tests/test_anneal.py -k planted"),
+    "sft_mask_off_by_one": (
+        "06_reward_model.py", "mask += [0] * len(header) + [learn] * len(message_ids)",
+        "mask += [0] * (len(header) + 1) + [learn] * (len(message_ids) - 1)", "tests/test_reward_model.py -k render_masks"),
+    "reward_read_from_the_wrong_token": (
+        "06_reward_model.py", "        ends.append(len(ids) - 1)", "        ends.append(len(ids) - 2)",
+        "tests/test_reward_model.py -k packed_row"),
+    "reward_loss_sign_flipped": (
+        "06_reward_model.py", "-F.logsigmoid(better_rewards - worse_rewards).sum()",
+        "-F.logsigmoid(worse_rewards - better_rewards).sum()", "tests/test_reward_model.py -k reward_loss_by_hand"),
+    "responses_see_each_other": (
+        "02_model.py", "same_branch = branches[:, :, None] == branches[:, None, :]  # (B, T, T)",
+        "same_branch = (branches[:, :, None] >= 0) & (branches[:, None, :] >= 0)  # (B, T, T)",
+        "tests/test_reward_model.py -k packed_row"),
     "upsampling_ignored": (
         "05_anneal.py", "w * factors.get(pre.category_of(s), 1.0)", "w", "tests/test_anneal.py -k upsampling"),
 }
