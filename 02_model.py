@@ -471,6 +471,18 @@ class KVCache:
         self.doc_ids.index_copy_(1, self.positions, doc_ids)
         return self.doc_ids
 
+    def repeat_rows(self, n):
+        """Make n copies of every row (row i becomes rows i·n .. i·n + n-1), keys and values included:
+        after one prefill of a prompt, n samples continue from the same cache instead of encoding the
+        prompt n times (Llama 3 §4.2.2 shares the prompt's KV cache across rejection samples)."""
+        self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
+        self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
+        self.doc_ids = self.doc_ids.repeat_interleave(n, dim=0)
+        self.shape = (self.shape[0], self.shape[1] * n, *self.shape[2:])
+        if self.doc_ids.device.type == "cuda":
+            for t in self.k + self.v + [self.doc_ids]:
+                torch._dynamo.mark_static_address(t, guard=False)
+
 
 def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
     """logits (B, V) -> ids (B,). temperature 0 is greedy. top_p keeps the smallest set of tokens
@@ -495,13 +507,16 @@ def decode_step(model, tokens, doc_ids, cache):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_tokens=(), generator=None,
-             compile=False):
+             compile=False, num_samples=1, on_token=None):
     """Continue each prompt (a list of ids; lengths may differ) and return the new ids of each,
     ending before the first stop token (e.g. Tokenizer.stop_tokens: end_of_text, eom, eot).
     Prompts are left-padded into one batch; the padding is a document of its own (doc id -1) so
     no real token attends to it. Because RoPE only sees relative positions, the shift that
     left-padding gives a shorter prompt changes nothing. One prefill pass fills the KV cache, then
-    each step feeds one token per row. compile=True runs those steps through compiled_decoder (see
+    each step feeds one token per row. num_samples > 1: each prompt is encoded once and continued
+    num_samples times from copies of its cache (sample with temperature > 0); the result then holds
+    num_samples lists per prompt, prompt by prompt. on_token(row, token) is called for each new
+    token as it is made (streaming). compile=True runs the steps through compiled_decoder (see
     "Optional: fast decoding" at the end of this file): several times faster after a compile for
     each new batch size and cache size (cache_slots_for_compile rounds lengths up so that a few
     compiles serve all)."""
@@ -522,8 +537,11 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
     cache = KVCache(model.args, B, cache_len, device=device)
     step = compiled_decoder(model) if compile else functools.partial(decode_step, model)
     logits, greedy = decode_step(model, tokens, doc_ids, cache)  # prefill, eager: (B, V), (B,)
+    if num_samples > 1:  # the samples of a prompt share its prefill
+        cache.repeat_rows(num_samples)
+        logits, greedy, B = logits.repeat_interleave(num_samples, 0), greedy.repeat_interleave(num_samples, 0), B * num_samples
     real = torch.zeros(B, 1, dtype=torch.long, device=device)
-    stop, finished, new = set(stop_tokens), [False] * B, [[] for _ in prompts]
+    stop, finished, new = set(stop_tokens), [False] * B, [[] for _ in range(B)]
     for _ in range(max_new_tokens):
         next_ids = greedy if temperature <= 0 else sample_next(logits, temperature, top_p, generator)  # (B,)
         # Bookkeeping on Python ints: after a compiled step, every tiny tensor op would cost more
@@ -532,6 +550,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
             finished[row] = finished[row] or token in stop
             if not finished[row]:
                 new[row].append(token)
+                if on_token:
+                    on_token(row, token)
         if all(finished):
             break
         # subtle: a CUDA graph step reuses its output buffers at the next replay, so the ids fed back in

@@ -82,14 +82,16 @@ class Task:
     hard: bool  # expected to stay partly unsolved by SFT at the CPU default (room for 07-08)
 
     def check(self, prompt, response):
-        """Whether `response` answers `prompt`: the answer alone, or "The answer is ANSWER.", nothing else."""
+        """Whether `response` answers `prompt`: the answer alone, or ending "The answer is ANSWER.", nothing after."""
         return normalise(response) == self.answer_of(prompt)
 
 
 def normalise(response):
-    """A response's answer: stripped, without a leading "The answer is" and a final full stop."""
+    """A response's answer: what follows its last "The answer is" (worked steps may come before it;
+    §4.3.3 keeps step-by-step solutions by their final answer), stripped, without a final full stop."""
     text = response.strip()
-    text = text[len("The answer is"):].strip() if text.startswith("The answer is") else text
+    if "The answer is" in text:
+        text = text[text.rindex("The answer is") + len("The answer is"):].strip()
     return text[:-1].strip() if text.endswith(".") else text
 
 
@@ -396,15 +398,35 @@ def train_reward_model(reward_model, records, tokenizer, cfg, device, log=print)
     return history
 
 
+def fitting(record, tokenizer, context):
+    """A record split into records of consecutive responses whose packed row fits `context` tokens
+    (the prompt repeated in each); one record when it all fits."""
+    prompt, parts, size = len(prompt_ids(tokenizer, record["prompt"])), [[]], 0
+    for response in record["responses"]:
+        length = len(tokenizer.encode(response["text"].strip())) + response["ended"]
+        if prompt + length > context:
+            raise tok.UserError(f"a prompt and one response take {prompt + length} tokens, more than the "
+                                f"reward model's context of {context}: shorten them")
+        if parts[-1] and prompt + size + length > context:
+            parts.append([])
+            size = 0
+        parts[-1].append(response)
+        size += length
+    return [{**record, "responses": part} for part in parts]
+
+
 @torch.no_grad()
 def score(reward_model, tokenizer, records, device, batch=32):
     """Rewards of every response of every record, in the records' order: a list of lists."""
     reward_model.eval()
-    out = []
-    for start in range(0, len(records), batch):
-        rows = [pack(r, tokenizer) for r in records[start:start + batch]]
-        rewards = reward_model(*collate(rows, device)).cpu()
-        out += [[rewards[b, k].item() for k in range(len(row[3]))] for b, row in enumerate(rows)]
+    context = reward_model.model.args.max_seq_len
+    parts = [(i, part) for i, record in enumerate(records) for part in fitting(record, tokenizer, context)]
+    out = [[] for _ in records]
+    for start in range(0, len(parts), batch):
+        rows = [pack(part, tokenizer) for _, part in parts[start:start + batch]]
+        rewards = reward_model(*collate(rows, device)).cpu()  # (B, K)
+        for b, ((i, _), row) in enumerate(zip(parts[start:start + batch], rows)):
+            out[i] += [rewards[b, k].item() for k in range(len(row[3]))]
     reward_model.train()
     return out
 

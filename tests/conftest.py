@@ -75,3 +75,13 @@ def long_context(pretrained, tmp_path_factory):
     out = tmp_path_factory.mktemp("lc04") / "04"
     importlib.import_module("04_long_context").main(long_context_argv(folder, out))
     return out
+
+
+@pytest.fixture(scope="session")
+def reward_run(long_context, tmp_path_factory):
+    """06 on the tiny extended model: preferences, a reward model and its metrics."""
+    out = tmp_path_factory.mktemp("rm06") / "06"
+    importlib.import_module("06_reward_model").main(
+        ["--init", str(long_context), "--out", str(out), "--train-prompts", "12", "--test-prompts", "4",
+         "--steps", "20", "--max-response-tokens", "8", "--device", "cpu"])
+    return out

@@ -96,6 +96,21 @@ MUTATIONS = {
         "02_model.py", "same_branch = branches[:, :, None] == branches[:, None, :]  # (B, T, T)",
         "same_branch = (branches[:, :, None] >= 0) & (branches[:, None, :] >= 0)  # (B, T, T)",
         "tests/test_reward_model.py -k packed_row"),
+    "sft_loss_on_every_token": (
+        "07_sft.py", "keep = mask[:, 1:] != 0", "keep = mask[:, 1:] >= 0",
+        "tests/test_sft.py -k masked"),
+    "sft_mean_of_row_means": (
+        "07_sft.py", 'reduction="sum"), keep.sum()', 'reduction="mean"), 1',
+        "tests/test_sft.py -k packed"),
+    "shared_prompt_cache_rows_mixed_up": (
+        "02_model.py", "self.k = [t.repeat_interleave(n, dim=0) for t in self.k]",
+        "self.k = [t.repeat(n, 1, 1, 1) for t in self.k]", "tests/test_model.py -k share"),
+    "rejection_sampling_keeps_unended_samples": (
+        "07_sft.py", "if ended and (judges[item[\"family\"]] == \"reward model\"",
+        "if (judges[item[\"family\"]] == \"reward model\"", "tests/test_sft.py -k pick"),
+    "reward_scoring_overflows_the_context": (
+        "06_reward_model.py", "if parts[-1] and prompt + size + length > context:", "if False:",
+        "tests/test_reward_model.py -k score_splits"),
     "upsampling_ignored": (
         "05_anneal.py", "w * factors.get(pre.category_of(s), 1.0)", "w", "tests/test_anneal.py -k upsampling"),
 }

@@ -206,6 +206,24 @@ def test_kv_cache_decode_logits_equal_the_full_forwards():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-5)
 
 
+def test_samples_that_share_a_prompts_cache_equal_samples_from_copies_of_the_prompt():
+    """num_samples=K encodes each prompt once and continues K copies of its cache: the same tokens,
+    greedy or sampled with the same generator, as K copies of the prompt in the batch."""
+    model = random_model(tiny())
+    prompts = [[5, 17, 42, 9, 100, 7, 3], [250, 11]]
+    with torch.no_grad():
+        shared = m.generate(model, prompts, 12, num_samples=3)
+        copies = m.generate(model, [p for p in prompts for _ in range(3)], 12)
+        assert shared == copies and shared[0] == shared[1] == shared[2] != shared[3]
+        sampled = m.generate(model, prompts, 12, 1.0, 1.0, generator=torch.Generator().manual_seed(0), num_samples=3)
+        copied = m.generate(model, [p for p in prompts for _ in range(3)], 12, 1.0, 1.0,
+                            generator=torch.Generator().manual_seed(0))
+    assert sampled == copied and len({tuple(s) for s in sampled[:3]}) > 1  # samples differ from each other
+    seen = []
+    m.generate(model, prompts, 5, on_token=lambda row, token: seen.append((row, token)))
+    assert [t for r, t in seen if r == 0] == m.generate(model, prompts, 5)[0]  # streamed as made
+
+
 def test_last_only_logits_are_the_last_position_of_the_full_forward():
     model = random_model(tiny())
     tokens = torch.randint(0, model.args.vocab_size, (3, 11))

@@ -67,13 +67,42 @@ def test_a_packed_row_gives_the_rewards_of_each_response_scored_alone():
     assert rm.tokens_saved([rec], tokenizer)[0] < rm.tokens_saved([rec], tokenizer)[1]
 
 
+def test_score_splits_a_record_that_overflows_the_context_and_keeps_each_reward():
+    """A prompt with more samples than fit one row (07's best-of-k on a short-context model) is
+    scored in several rows, with the rewards of each response scored alone, in the record's order."""
+    tokenizer = tok.Tokenizer.train(["What is 2 + 3? The answer is 5. six 6 seven " * 30], vocab_size=600)
+    torch.manual_seed(0)
+    rec = record(*[(("six " * (3 + k)).strip(), "rejected", k % 2 == 0, "x") for k in range(8)])
+    prompt = len(rm.prompt_ids(tokenizer, rec["prompt"]))
+    context = prompt + 12  # room for about two responses a row
+    model = mdl.Transformer(mdl.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words,
+                                          max_seq_len=context))
+    reward_model = rm.RewardModel(model)
+    torch.nn.init.normal_(reward_model.reward_head.weight)
+    parts = rm.fitting(rec, tokenizer, context)
+    assert len(parts) > 2 and [r for p in parts for r in p["responses"]] == rec["responses"]
+    assert len(rm.pack(rec, tokenizer)[0]) > context  # the whole record would not fit
+    scores = rm.score(reward_model, tokenizer, [rec, record(("5", "edited", True, "v"))], "cpu", batch=3)
+    assert len(scores[0]) == 8 and len(scores[1]) == 1
+    with torch.no_grad():
+        for response, reward in zip(rec["responses"], scores[0]):
+            alone = rm.prompt_ids(tokenizer, rec["prompt"]) + tokenizer.encode(response["text"]) + \
+                [tokenizer.eot_id] * response["ended"]
+            assert reward == pytest.approx(reward_model.reward_head(model.hidden(torch.tensor([alone])))[0, -1, 0].item(),
+                                           abs=1e-5)
+    too_long = record(("six " * (context), "rejected", True, "x"))
+    with pytest.raises(tok.UserError, match="more than the reward model's context"):
+        rm.score(reward_model, tokenizer, [too_long], "cpu")
+
+
 @pytest.mark.parametrize("family, prompt, right, wrong", [
     ("sort_digits", "Sort the digits 4 1 3 2 from smallest to largest.", "1 2 3 4", ["1234", "4 3 2 1", "1 2 3 4 5"]),
     ("reverse_words", "Reverse the words: red cat sky", "sky cat red", ["red cat sky", "sky cat"]),
     ("larger", "Which number is larger, 37 or 52?", "The answer is 52.", ["37", "52 and 37"]),
     ("is_even", "Is 37 an even number? Answer yes or no.", "no", ["yes", "no no"]),
     ("count_words", "How many words are in this list: red dog sun?", "3", ["4", "three"]),
-    ("add", "What is 37 + 45?", "82", ["81", "The answer is 8 2."]),
+    ("add", "What is 37 + 45?", "7 + 5 = 12, 3 + 4 + 1 = 8. The answer is 82.", ["81", "The answer is 8 2.",
+                                                                               "The answer is 82. Or 81."]),
     ("times", "What is 7 times 8?", "The answer is 56.", ["54", "56!!! 56?"]),
 ])
 def test_each_verifier_on_hand_made_answers(family, prompt, right, wrong):
@@ -134,13 +163,10 @@ def test_missing_base_model_names_the_command(tmp_path):
         rm.main(["--init", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
 
 
-def test_end_to_end_from_a_tiny_base_model(long_context, tmp_path):
+def test_end_to_end_from_a_tiny_base_model(reward_run, long_context, tmp_path):
     """Data, training and the report on the tiny extended model of the test fixtures: the files
     exist, every held-out pair type is reported, and the user's own preference file trains too."""
-    out = tmp_path / "06"
-    argv = ["--init", str(long_context), "--out", str(out), "--train-prompts", "12", "--test-prompts", "4",
-            "--steps", "20", "--max-response-tokens", "8", "--device", "cpu"]
-    rm.main(argv)
+    out = reward_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["packed_tokens"] < metrics["tokens_if_scored_alone"]
     assert any("edited vs chosen" in k for k in metrics["accuracy"])
@@ -149,5 +175,6 @@ def test_end_to_end_from_a_tiny_base_model(long_context, tmp_path):
     assert any(x["source"] == "policy sample" for r in records for x in r["responses"])  # the base model's own
     reward_model = rm.load_reward_model(out)
     assert reward_model.reward_head.weight.abs().sum() > 0  # trained away from its zero start
-    rm.main(argv[:4] + ["--data", str(out / "preferences.jsonl"), "--out", str(tmp_path / "again")] + argv[6:])
+    rm.main(["--init", str(long_context), "--data", str(out / "preferences.jsonl"), "--out", str(tmp_path / "again"),
+             "--test-prompts", "2", "--steps", "3", "--max-response-tokens", "8", "--device", "cpu"])
     assert (tmp_path / "again" / "reward_model.pt").is_file()
