@@ -574,30 +574,38 @@ def load_reward_model(path, device="cpu"):
 # =============================================================================
 
 
-def read_preferences(path):
-    """A JSONL file of preference records in the format 06 writes (preferences.jsonl): each line
-    {"family", "prompt", "responses": [{"text", "rank", "ended"?, "source"?}], "strength"?}. A record
-    that cannot train anything is an error naming its line."""
+def read_jsonl(path, what):
+    """The records of a JSONL file (blank lines skipped), each with its "path:line" for messages.
+    A missing file, a line that is not JSON, or no records at all: an error that says so. (07 and
+    08 read their --data files with it too.)"""
     path = Path(path)
     if not path.is_file():
         raise tok.UserError(f"--data {path}: no such file")
     records = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise tok.UserError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+        if line.strip():
+            try:
+                records.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise tok.UserError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    if not records:
+        raise tok.UserError(f"--data {path} holds no {what}")
+    return records
+
+
+def read_preferences(path):
+    """A JSONL file of preference records in the format 06 writes (preferences.jsonl): each line
+    {"family", "prompt", "responses": [{"text", "rank", "ended"?, "source"?}], "strength"?}. A record
+    that cannot train anything is an error naming its line."""
+    records = []
+    for where, record in read_jsonl(path, "preference records"):
         problem = record_problem(record)
         if problem:
-            raise tok.UserError(f"{path}:{lineno}: {problem}")
+            raise tok.UserError(f"{where}: {problem}")
         for response in record["responses"]:
             response.setdefault("ended", True)
             response.setdefault("source", "user data")
         records.append(record)
-    if not records:
-        raise tok.UserError(f"--data {path} holds no preference records")
     return records
 
 

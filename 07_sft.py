@@ -28,6 +28,7 @@ Run it:
 """
 
 import argparse
+import copy
 import functools
 import importlib
 import json
@@ -176,9 +177,10 @@ def sft_lr(step, cfg):
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def finetune(base_path, dialogs, tokenizer, cfg, device, seed, log=print):
-    """A fresh copy of the base model fine-tuned on `dialogs` for cfg.steps; returns it and its log."""
-    model, _ = mdl.load_checkpoint(base_path, mmap=False)
+def finetune(base, dialogs, tokenizer, cfg, device, seed, log=print):
+    """A fresh copy of the base model (a checkpoint path, or a model: 08 continues its policy)
+    fine-tuned on `dialogs` for cfg.steps; returns it and its log."""
+    model = copy.deepcopy(base) if isinstance(base, torch.nn.Module) else mdl.load_checkpoint(base, mmap=False)[0]
     model = model.to(device).train()
     optimizer = pre.make_optimizer(model, cfg.lr, fused=device.type == "cuda")
     autocast, rng = mdl.autocast(device, cfg.dtype), random.Random(seed)
@@ -505,21 +507,11 @@ def stream_reply(model, tokenizer, prompt, max_new_tokens, write):
 
 def read_dialogs(path):
     """A JSONL file, one dialog a line: {"messages": [{"role", "content"}, ...]} or the list itself."""
-    path = Path(path)
-    if not path.is_file():
-        raise tok.UserError(f"--data {path}: no such file")
     dialogs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise tok.UserError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            messages = record.get("messages") if isinstance(record, dict) else record
-            check_dialog(messages, f"{path}:{lineno}")
-            dialogs.append(messages)
-    if not dialogs:
-        raise tok.UserError(f"--data {path} holds no dialogs")
+    for where, record in rwd.read_jsonl(path, "dialogs"):
+        messages = record.get("messages") if isinstance(record, dict) else record
+        check_dialog(messages, where)
+        dialogs.append(messages)
     return dialogs
 
 

@@ -111,6 +111,22 @@ MUTATIONS = {
     "reward_scoring_overflows_the_context": (
         "06_reward_model.py", "if parts[-1] and prompt + size + length > context:", "if False:",
         "tests/test_reward_model.py -k score_splits"),
+    "dpo_margin_sign": (
+        "08_dpo.py", "(policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)",
+        "(policy_chosen_logps - ref_chosen_logps) + (policy_rejected_logps - ref_rejected_logps)",
+        "tests/test_dpo.py -k reference_the_loss"),
+    "dpo_formatting_tokens_kept": (
+        "08_dpo.py", "return [m * (i not in formatting) for i, m in zip(ids, mask)]", "return list(mask)",
+        "tests/test_dpo.py -k words_only"),
+    "dpo_nll_summed_over_tokens": (
+        "08_dpo.py", "-chosen / counts[:B]", "-chosen", "tests/test_dpo.py -k mean_nll"),
+    "dpo_pairs_from_unended_samples": (
+        "08_dpo.py", "for (text, done), r in zip(options, scores) if done]", "for (text, done), r in zip(options, scores)]",
+        "tests/test_dpo.py -k tells_apart"),
+    "ppo_clip_range_lopsided": (
+        "08_dpo.py", "ratio.clamp(1 - clip, 1 + clip)", "ratio.clamp(1 - clip, 1 + 2 * clip)", "tests/test_dpo.py -k clipped"),
+    "gae_without_bootstrap": (
+        "08_dpo.py", "rewards[t] + gamma * next_value - values[t]", "rewards[t] - values[t]", "tests/test_dpo.py -k gae"),
     "upsampling_ignored": (
         "05_anneal.py", "w * factors.get(pre.category_of(s), 1.0)", "w", "tests/test_anneal.py -k upsampling"),
 }
