@@ -127,6 +127,9 @@ MUTATIONS = {
         "08_dpo.py", "ratio.clamp(1 - clip, 1 + clip)", "ratio.clamp(1 - clip, 1 + 2 * clip)", "tests/test_dpo.py -k clipped"),
     "gae_without_bootstrap": (
         "08_dpo.py", "rewards[t] + gamma * next_value - values[t]", "rewards[t] - values[t]", "tests/test_dpo.py -k gae"),
+    "ppo_without_kl_penalty": (
+        "08_dpo.py", "rewards = -cfg.kl_coef * (old - ref) * keep", "rewards = 0 * (old - ref) * keep",
+        "tests/test_dpo.py -k rollouts"),
     "upsampling_ignored": (
         "05_anneal.py", "w * factors.get(pre.category_of(s), 1.0)", "w", "tests/test_anneal.py -k upsampling"),
 }

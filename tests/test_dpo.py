@@ -219,3 +219,26 @@ def test_rollouts_credit_the_reward_at_the_end_and_penalise_drift_from_the_refer
     assert abs(advantages[keep].mean().item()) < 1e-5  # standardised over the batch's tokens
     _, _, _, _, drifted = dpo.rollouts(actor_critic, tiny_model(tokenizer, seed=1), None, tokenizer, items, cfg, 0)
     assert not torch.allclose(drifted[keep], returns[keep], atol=1e-3)
+
+
+def test_gae_by_hand():
+    """rewards 0, 0, 1 and values 0.5 each, γ = 1, λ = 0.5: δ = 0, 0, 0.5, so A = 0.125, 0.25, 0.5
+    and returns A + V; with λ = 1 the returns are the Monte Carlo return, 1 at every token."""
+    advantages, returns = dpo.gae(torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.5, 0.5, 0.5]), gamma=1.0, lam=0.5)
+    assert advantages.tolist() == pytest.approx([0.125, 0.25, 0.5]) and returns.tolist() == pytest.approx([0.625, 0.75, 1.0])
+    _, returns = dpo.gae(torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.3, -0.2, 0.9]), gamma=1.0, lam=1.0)
+    assert returns.tolist() == pytest.approx([1.0, 1.0, 1.0])
+    advantages, _ = dpo.gae(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), gamma=0.5, lam=1.0)
+    assert advantages.tolist() == pytest.approx([1.5, 1.0])  # discounted: 1 + 0.5 · 1
+
+
+def test_ppo_clipped_objective_by_hand():
+    """ε = 0.2. ρ = 1.5: with A = +1 the gain is capped at 1.2 (no gradient), with A = -1 the full
+    -1.5 counts; ρ = 0.5: A = +1 counts fully (0.5), A = -1 is capped at -0.8."""
+    old = torch.zeros(4)
+    logps = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5])).requires_grad_()
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss = dpo.ppo_clipped_loss(logps, old, advantages, clip=0.2)
+    assert loss.tolist() == pytest.approx([-1.2, 1.5, -0.5, 0.8])
+    loss.sum().backward()
+    assert logps.grad.tolist() == pytest.approx([0.0, 1.5, -0.5, 0.0])  # d/dlogp of -ρA = -ρA where unclipped
