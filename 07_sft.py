@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 tok = importlib.import_module("01_tokenizer")  # file names start with a digit
 mdl = importlib.import_module("02_model")
@@ -156,17 +155,26 @@ def to_tensors(rows, device):
 # =============================================================================
 
 
+def target_logps(model, tokens, mask, doc_ids=None):
+    """Each next-token target's log-probability where mask is 1, in float32 (0 elsewhere): (B, T);
+    and the final hidden states (B, T, D). tokens, mask, doc_ids: (B, T+1). (08's DPO and PPO read
+    log-probabilities the same way.)"""
+    hidden = model.hidden(tokens[:, :-1], doc_ids=None if doc_ids is None else doc_ids[:, :-1])  # (B, T, D)
+    keep = mask[:, 1:] != 0  # (B, T): a target counts where the token it predicts is the assistant's
+    # The output head only where a target counts: the other positions would get zero gradient
+    # anyway, and the head is ~40% of a small model's FLOPs, so SFT runs faster than pretraining.
+    logps = torch.log_softmax(model.output(hidden[keep]).float(), -1)  # (n, V)
+    picked = logps.gather(1, tokens[:, 1:][keep][:, None])[:, 0]  # (n,)
+    return torch.zeros(keep.shape, device=tokens.device).masked_scatter(keep, picked), hidden
+
+
 def sft_loss(model, batch):
     """Cross-entropy on the assistant's tokens only: the loss_fn for 03's train_step. Returns (sum
     over the tokens the mask keeps, how many): the step divides by the count over the whole batch,
     so a packed batch gives the loss of its dialogs run one by one (not a mean of per-row means)."""
     tokens, doc_ids, mask = batch  # (b, T+1) each
-    hidden = model.hidden(tokens[:, :-1], doc_ids=doc_ids[:, :-1])  # (b, T, D)
-    keep = mask[:, 1:] != 0  # (b, T): a target counts where the token it predicts is the assistant's
-    # The output head only where a target counts: the other positions would get zero gradient
-    # anyway, and the head is ~40% of a small model's FLOPs, so SFT runs faster than pretraining.
-    logits = model.output(hidden[keep]).float()  # (n, V)
-    return F.cross_entropy(logits, tokens[:, 1:][keep], reduction="sum"), keep.sum()
+    logps, _ = target_logps(model, tokens, mask, doc_ids)  # (b, T)
+    return -logps.sum(), (mask[:, 1:] != 0).sum()
 
 
 def sft_lr(step, cfg):

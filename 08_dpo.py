@@ -107,19 +107,10 @@ def response_mask(tokenizer, ids, mask):
     return [m * (i not in formatting) for i, m in zip(ids, mask)]  # Llama 3: headers and <|eot_id|> masked out
 
 
-def token_logps(model, tokens, mask):
-    """Each target's log-probability where mask is 1, in float32, else 0: (B, T); and the final
-    hidden states (B, T, D). tokens, mask: (B, T+1), right-padded."""
-    hidden = model.hidden(tokens[:, :-1])  # (B, T, D): right padding never reaches a real token
-    keep = mask[:, 1:] != 0  # (B, T)
-    logps = torch.log_softmax(model.output(hidden[keep]).float(), -1)  # (n, V): the head only where it counts
-    picked = logps.gather(1, tokens[:, 1:][keep][:, None])[:, 0]  # (n,)
-    return torch.zeros(keep.shape, device=tokens.device).masked_scatter(keep, picked), hidden
-
-
 def response_logps(model, tokens, mask):
-    """Summed log-probabilities of each row's targets where mask is 1: (B,), and their number (B,)."""
-    return token_logps(model, tokens, mask)[0].sum(1), (mask[:, 1:] != 0).sum(1)
+    """Summed log-probabilities of each row's targets where mask is 1 (07's target_logps): (B,), and
+    their number (B,). tokens, mask: (B, T+1), right-padded: padding never reaches a real token."""
+    return sft.target_logps(model, tokens, mask)[0].sum(1), (mask[:, 1:] != 0).sum(1)
 
 
 # =============================================================================
@@ -158,18 +149,9 @@ def pair_rows(pairs, tokenizer, device):
     for side in ("chosen", "rejected"):
         for pair in pairs:
             ids, mask = rwd.render(tokenizer, sft.dialog(pair["prompt"], pair[side]))
-            rows.append((ids, response_mask(tokenizer, ids, mask)))
-    return padded(rows, tokenizer.pad_id, device)
-
-
-def padded(rows, pad_id, device):
-    """(ids, mask) rows -> tokens and mask (B, T), right-padded (mask 0 on the padding)."""
-    T = max(len(ids) for ids, _ in rows)
-    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, (ids, m) in enumerate(rows):
-        tokens[b, :len(ids)], mask[b, :len(m)] = torch.tensor(ids), torch.tensor(m)
-    return tokens.to(device), mask.to(device)
+            rows.append((ids, [0] * len(ids), response_mask(tokenizer, ids, mask)))  # one document a row
+    tokens, _, mask = sft.to_tensors(rows, device)  # 07's right padding
+    return tokens, mask
 
 
 # =============================================================================
@@ -399,7 +381,7 @@ class ActorCritic(torch.nn.Module):
         self.policy, self.value_head = policy, torch.nn.Linear(policy.args.dim, 1)
 
     def forward(self, tokens, mask):
-        logps, hidden = token_logps(self.policy, tokens, mask)  # (B, T), (B, T, D)
+        logps, hidden = sft.target_logps(self.policy, tokens, mask)  # (B, T), (B, T, D)
         return logps, self.value_head(hidden.detach()).squeeze(-1).float()  # (B, T), (B, T)
 
 
@@ -413,20 +395,20 @@ def rollouts(actor_critic, reference, reward_model, tokenizer, items, cfg, seed)
     samples = sft.sample_answers(policy, tokenizer, [it["prompt"] for it in items], cfg, seed)
     scores = torch.tensor(sft.reward_scores(reward_model, tokenizer, items, samples, device)).flatten()  # (N,)
     scores = (scores - scores.mean()) / (scores.std() + 1e-6)
-    rows = [rwd.render(tokenizer, sft.dialog(it["prompt"], text), end=ended)
-            for it, options in zip(items, samples) for text, ended in options]
-    tokens, mask = padded(rows, tokenizer.pad_id, device)
+    rendered = [rwd.render(tokenizer, sft.dialog(it["prompt"], text), end=ended)
+                for it, options in zip(items, samples) for text, ended in options]
+    tokens, _, mask = sft.to_tensors([(ids, [0] * len(ids), m) for ids, m in rendered], device)  # (N, T+1)
     old, values, ref = [], [], []
     with mdl.autocast(device, cfg.dtype):  # as in training, so the first ratio π/π_old is 1
-        for start in range(0, len(rows), 64):  # (N, T) in chunks: the log-softmax is (targets, V)
+        for start in range(0, len(tokens), 64):  # (N, T) in chunks: the log-softmax is (targets, V)
             chunk = tokens[start:start + 64], mask[start:start + 64]
-            (o, v), r = actor_critic(*chunk), token_logps(reference, *chunk)[0]
+            (o, v), r = actor_critic(*chunk), sft.target_logps(reference, *chunk)[0]
             old.append(o), values.append(v), ref.append(r)
     old, values, ref = torch.cat(old), torch.cat(values), torch.cat(ref)  # (N, T) each
     keep = mask[:, 1:] != 0  # (N, T): the sampled tokens (and the <|eot_id|> that ended a turn)
     rewards = -cfg.kl_coef * (old - ref) * keep  # (N, T)
     advantages, returns = torch.zeros_like(old), torch.zeros_like(old)
-    for n in range(len(rows)):
+    for n in range(len(tokens)):
         where = keep[n].nonzero()[:, 0]
         if len(where) == 0:  # an empty response that never ended: nothing to credit
             continue

@@ -100,7 +100,7 @@ MUTATIONS = {
         "07_sft.py", "keep = mask[:, 1:] != 0", "keep = mask[:, 1:] >= 0",
         "tests/test_sft.py -k masked"),
     "sft_mean_of_row_means": (
-        "07_sft.py", 'reduction="sum"), keep.sum()', 'reduction="mean"), 1',
+        "07_sft.py", "return -logps.sum(), (mask[:, 1:] != 0).sum()", "return -logps.sum() / (mask[:, 1:] != 0).sum(), 1",
         "tests/test_sft.py -k packed"),
     "shared_prompt_cache_rows_mixed_up": (
         "02_model.py", "self.k = [t.repeat_interleave(n, dim=0) for t in self.k]",
