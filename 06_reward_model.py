@@ -437,16 +437,20 @@ def score(reward_model, tokenizer, records, device, batch=32):
 
 
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts, max_tokens, seed, temperature=1.0, batch=64):
-    """One sampled response per prompt from `model` (temperature 1, top-p 0.95): (text, ended)."""
-    generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
+def sample_responses(model, tokenizer, prompts, max_tokens, seed, temperature=1.0, k=1, dtype="float32", batch=64):
+    """k sampled responses per prompt from `model` (top-p 0.95; greedy at temperature 0), each prompt
+    encoded once and its KV cache shared by its k samples (07's rejection sampling): one list of k
+    (text, ended) per prompt; ended: it stopped on its own before max_tokens."""
+    device = model.tok_embeddings.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
     out = []
-    for start in range(0, len(prompts), batch):
-        ids = [prompt_ids(tokenizer, p) for p in prompts[start:start + batch]]
-        for new in mdl.generate(model, ids, max_tokens, temperature, 0.95, (tokenizer.eot_id, tokenizer.eom_id),
-                                generator):
-            ended = len(new) < max_tokens  # generate stops before a stop token
-            out.append((tokenizer.decode(new), ended))
+    with mdl.autocast(device, dtype):
+        for start in range(0, len(prompts), batch):
+            ids = [prompt_ids(tokenizer, p) for p in prompts[start:start + batch]]
+            new = mdl.generate(model, ids, max_tokens, temperature, 0.95, (tokenizer.eot_id, tokenizer.eom_id),
+                               generator, num_samples=k)  # generate stops before a stop token
+            out += [[(tokenizer.decode(n), len(n) < max_tokens) for n in new[i * k:(i + 1) * k]]
+                    for i in range(len(ids))]
     return out
 
 
@@ -524,8 +528,8 @@ def main(argv=None):
 
 def preferences(base, tokenizer, items, cfg, salt):
     """Preference records for prompt items, with the base model's own sampled responses."""
-    samples = sample_responses(base, tokenizer, [it["prompt"] for it in items], cfg.max_response_tokens,
-                               cfg.seed + salt)
+    samples = [options[0] for options in sample_responses(base, tokenizer, [it["prompt"] for it in items],
+                                                          cfg.max_response_tokens, cfg.seed + salt, dtype=cfg.dtype)]
     rng = random.Random(cfg.seed + salt)
     return [preference_record(it, rng, s, cfg.policy_share) for it, s in zip(items, samples)]
 

@@ -226,22 +226,13 @@ def finetune(base, dialogs, tokenizer, cfg, device, seed, log=print):
 # =============================================================================
 
 
-@torch.no_grad()
-def sample_answers(model, tokenizer, prompts, cfg, seed, k=None, temperature=None, batch=32):
-    """k responses per prompt (greedy when temperature is 0), each prompt encoded once and its KV
-    cache shared by its k samples. -> one list of (text, ended) per prompt."""
-    k = k or cfg.samples
-    temperature = cfg.temperature if temperature is None else temperature
-    generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
-    out = []
-    with mdl.autocast(model.tok_embeddings.weight.device, cfg.dtype):
-        for start in range(0, len(prompts), batch):
-            ids = [rwd.prompt_ids(tokenizer, p) for p in prompts[start:start + batch]]
-            new = mdl.generate(model, ids, cfg.max_new_tokens, temperature, 0.95,
-                               (tokenizer.eot_id, tokenizer.eom_id), generator, num_samples=k)
-            out += [[(tokenizer.decode(n), len(n) < cfg.max_new_tokens) for n in new[i * k:(i + 1) * k]]
-                    for i in range(len(ids))]
-    return out
+def sample_answers(model, tokenizer, prompts, cfg, seed, k=None, temperature=None):
+    """06's sample_responses with this chapter's settings: k (default cfg.samples) responses per
+    prompt from one shared prefill each, greedy when temperature is 0. -> one list of (text, ended)
+    per prompt."""
+    return rwd.sample_responses(model, tokenizer, prompts, cfg.max_new_tokens, seed,
+                                cfg.temperature if temperature is None else temperature, k or cfg.samples, cfg.dtype,
+                                batch=32)
 
 
 def reward_judges(rm_metrics, threshold):
