@@ -769,9 +769,17 @@ class Tokenizer:
 
     def encode_message(self, message):
         """<|start_header_id|>role<|end_header_id|>\\n\\n{content}<|eot_id|>. The content is always
-        plain text: a user who types "<|eot_id|>" gets the bytes of that string, never the token."""
+        plain text: a user who types "<|eot_id|>" gets the bytes of that string, never the token.
+        An assistant message with "tool_call": True is a call that waits for its result (Llama 3.1
+        tool use, 09): <|python_tag|> before the content and <|eom_id|> ("end of message: run the
+        tool and come back") instead of <|eot_id|>."""
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise UserError(f"a message must be a dict with 'role' and 'content', got {message!r}")
+        if message.get("tool_call"):
+            if message["role"] != "assistant":
+                raise UserError(f"only the assistant calls tools, not {message['role']!r}")
+            return self.encode_header("assistant") + [self.python_tag_id, *self.encode(message["content"].strip()),
+                                                      self.eom_id]
         return self.encode_header(message["role"]) + self.encode(message["content"].strip()) + [self.eot_id]
 
     def encode_dialog(self, messages):

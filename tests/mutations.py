@@ -130,6 +130,30 @@ MUTATIONS = {
     "ppo_without_kl_penalty": (
         "08_dpo.py", "rewards = -cfg.kl_coef * (old - ref) * keep", "rewards = 0 * (old - ref) * keep",
         "tests/test_dpo.py -k rollouts"),
+    "tool_call_ends_its_turn": (
+        "01_tokenizer.py", "*self.encode(message[\"content\"].strip()),\n                                                      self.eom_id]",
+        "*self.encode(message[\"content\"].strip()),\n                                                      self.eot_id]",
+        "tests/test_tools.py -k documented_exchange"),
+    "parser_accepts_any_tool_name": (
+        "09_tools.py", "return call if call.name in known else", "return call if True else",
+        "tests/test_tools.py -k malformed"),
+    "json_arguments_cut_at_first_brace": (
+        "09_tools.py", "arguments = _json_object(match.group(2))",
+        "arguments = _json_object(match.group(2)[:match.group(2).find('}') + 1])",
+        "tests/test_tools.py -k documented_form"),
+    "sandbox_without_audit_hook": (
+        "09_tools.py", "sys.addaudithook(hook)", "None", "tests/test_tools.py -k write_or_delete"),
+    "sandbox_inherits_environment": (
+        "09_tools.py", "env={}, stdin", "env=dict(os.environ), stdin", "tests/test_tools.py -k environment"),
+    "tool_results_not_cut": (
+        "09_tools.py", "def execute(call, tools, max_chars=500):", "def execute(call, tools, max_chars=10**6):",
+        "tests/test_tools.py -k stays_bounded"),
+    "agent_loop_unbounded": (
+        "09_tools.py", "if isinstance(call, NotACall) or calls[i] > max_calls:", "if isinstance(call, NotACall):",
+        "tests/test_tools.py -k stays_bounded"),
+    "held_out_countries_in_training": (
+        "09_tools.py", "countries = [c for c in countries if rwd.is_held_out_prompt(c[\"name\"]) == (split == \"test\")]",
+        "countries = list(countries)", "tests/test_tools.py -k held_out"),
     "upsampling_ignored": (
         "05_anneal.py", "w * factors.get(pre.category_of(s), 1.0)", "w", "tests/test_anneal.py -k upsampling"),
 }

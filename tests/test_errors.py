@@ -23,6 +23,8 @@ MISTAKES = {  # chapter: [(argv, what the one line must say)]
                         (["--rope", "yarn"], "invalid choice"), (["--stages", "512,x"], "comma-separated int")],
     "05_anneal": [(["--data-dir", "{tmp}/missing"], "run python 03_pretrain.py first"),
                   (["--steps", "1"], "at least 2"), (["--upsample", "math"], "category=factor")],
+    "09_tools": [(["--init", "{tmp}/missing"], "run python 08_dpo.py first"), (["--index", "web"], "invalid choice"),
+                 (["--chat", "--out", "{tmp}/none"], "run python 09_tools.py first")],
 }
 
 
