@@ -693,8 +693,13 @@ def describe_prompt(code):
     return f"What does this function return? Answer in one sentence.\n{code}"
 
 
+def run_tests(code, problem, timeout_s):
+    """Run `code` with the problem's tests in the sandbox: "" when they pass, else the error."""
+    return run_python(f"{code}\n\n{problem['tests']}", timeout_s=timeout_s)[1]
+
+
 def passes(code, problem, timeout_s):
-    return run_python(f"{code}\n\n{problem['tests']}", timeout_s=timeout_s)[1] == ""
+    return run_tests(code, problem, timeout_s) == ""
 
 
 def code_execution_feedback(model, tokenizer, problems, cfg):
@@ -705,10 +710,11 @@ def code_execution_feedback(model, tokenizer, problems, cfg):
     kept, retries = [], []
     for problem, options in zip(problems, samples):
         for text, _ in options:
-            dialog = sft.dialog(problem["prompt"], text.strip())
-            ok, error = (lambda r: (r[1] == "", r[1]))(run_python(f"{text}\n\n{problem['tests']}", timeout_s=cfg.timeout_s))
-            (kept if ok else retries).append((problem, dialog + ([] if ok else [
-                {"role": "user", "content": f"The tests failed: {error}\nFix the function."}])))
+            dialog, error = sft.dialog(problem["prompt"], text.strip()), run_tests(text, problem, cfg.timeout_s)
+            if not error:
+                kept.append((problem, dialog))
+            else:
+                retries.append((problem, dialog + [{"role": "user", "content": f"The tests failed: {error}\nFix the function."}]))
     first = len(kept)
     fixes = mdl.generate(model, [tokenizer.encode_dialog(d) for _, d in retries], cfg.max_new_tokens,
                          stop_tokens=tokenizer.stop_tokens) if retries else []
