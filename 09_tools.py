@@ -178,6 +178,8 @@ def _json_object(text):
         value = json.loads(text)
     except json.JSONDecodeError as e:
         return Malformed(f"the arguments are not valid JSON ({e.msg} at character {e.pos})")
+    except RecursionError:
+        return Malformed("the arguments are nested too deeply")
     return value if isinstance(value, dict) else Malformed("the arguments must be a JSON object")
 
 
@@ -189,14 +191,14 @@ def _builtin_call(body, known):
     """NAME.call(query="...") parsed as a Python expression: keyword arguments with literal values."""
     try:
         node = ast.parse(body, mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, RecursionError, MemoryError):
         return Malformed("a built-in call reads NAME.call(query=\"...\"): this one does not parse")
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
             and node.func.attr == "call" and not node.args and all(k.arg for k in node.keywords)):
         return Malformed("a built-in call reads NAME.call(query=\"...\") with keyword arguments only")
     try:
         arguments = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-    except ValueError:
+    except (ValueError, TypeError, RecursionError, MemoryError):
         return Malformed("a built-in call's arguments must be literal values (a quoted string)")
     return _known(Call(node.func.value.id, arguments), known)
 
@@ -236,14 +238,21 @@ REFUSED = frozenset("""os.system os.exec os.posix_spawn os.spawn os.fork os.fork
 CHANGES = frozenset("""os.remove os.rename os.rmdir os.mkdir shutil.rmtree os.chmod os.chown os.link os.symlink
     os.truncate os.utime os.mkfifo os.mknod shutil.copyfile shutil.copytree shutil.move""".split())
 
-def hook(event, args, folder=folder + os.sep, realpath=os.path.realpath, fsdecode=os.fsdecode,
-         writes=os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC, PathLike=os.PathLike):
+# Every name the hook uses is bound as a default, so the program cannot swap them (REFUSED, isinstance).
+def hook(event, args, folder=folder + os.sep, realpath=os.path.realpath, fsdecode=os.fsdecode, isdir=os.path.isdir,
+         writes=os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC, PathLike=os.PathLike,
+         REFUSED=REFUSED, CHANGES=CHANGES, isinstance=isinstance, any=any, str=str, bytes=bytes, int=int,
+         PermissionError=PermissionError):
     def where(path):
         return realpath(fsdecode(path)) + "/" if isinstance(path, (str, bytes, PathLike)) else None
     if event in REFUSED:
         raise PermissionError(f"the sandbox does not allow {event}")
     if event == "open" or event in ("os.listdir", "os.scandir"):
         path = where(args[0])
+        if isinstance(args[0], int) and args[0] > 2:
+            raise PermissionError("the sandbox does not list or open by file descriptor")
+        if event == "open" and path and isdir(path[:-1]):  # a folder's descriptor would allow dir_fd= escapes
+            raise PermissionError("the sandbox does not open folders")
         if path and path.startswith(("/proc/", "/sys/")):
             raise PermissionError("the sandbox does not allow reading /proc or /sys")
         writing = event == "open" and (any(c in (args[1] or "") for c in "wax+") or (args[2] or 0) & writes)
@@ -264,6 +273,8 @@ try:
         value = eval(compile(ast.Expression(last.value), "main.py", "eval"), namespace)
         if value is not None:
             print(repr(value))
+except SystemExit:
+    raise
 except BaseException as e:
     traceback.print_exception(type(e), e, e.__traceback__.tb_next)
     sys.exit(1)
@@ -317,7 +328,9 @@ def run_python(code, timeout_s=5.0, memory_mb=512, max_output=2000):
     if process.returncode < 0:
         return output, f"stopped by {signal.Signals(-process.returncode).name} (a CPU or memory limit)"
     lines = [line for line in errors.splitlines() if line.strip()]
-    return output, (lines[-1].strip() if process.returncode and lines else "")
+    if process.returncode:
+        return output, lines[-1].strip() if lines else f"exit status {process.returncode}"
+    return output, ""
 
 
 def kill_everything(process, as_root):
@@ -449,13 +462,24 @@ def calculate(expression):
                  "factor": sympy.factor, "diff": sympy.diff, "solve": sympy.solve}
     names = {"pi": sympy.pi, "e": sympy.E, **{s: sympy.Symbol(s) for s in "xyz"}}
     text = expression.replace("^", "**").replace("×", "*").strip()
-    if text.count("=") == 1:  # an equation: solve it for x
-        text = f"solve(({text.split('=')[0]}) - ({text.split('=')[1]}), x)"
     try:
-        tree = ast.parse(text, mode="eval")
+        sides = [_evaluate(ast.parse(side.strip(), mode="eval").body, sympy, functions, names) for side in text.split("=")]
+    except ToolError:
+        raise
     except SyntaxError:
         raise ToolError(f"cannot read {expression!r}: write numbers, + - * / ** and functions like sqrt(2)") from None
-    result = _evaluate(tree.body, sympy, functions, names)
+    except (ArithmeticError, ValueError, TypeError, NotImplementedError, RecursionError) as e:
+        raise ToolError(f"cannot compute {expression!r}: {type(e).__name__}: {e}") from None
+    if len(sides) > 2:
+        raise ToolError("at most one = (an equation)")
+    if len(sides) == 2:  # an equation: solve it for its first symbol
+        difference = sides[0] - sides[1]
+        symbols = sorted(getattr(difference, "free_symbols", ()), key=str)
+        if difference == 0 or not symbols:
+            return "true for every value" if difference == 0 else "false"
+        result = sympy.solve(difference, symbols[0])
+    else:
+        result = sides[0]
     if isinstance(result, list):
         return ", ".join(map(str, result)) if result else "no solution"
     if result.is_Integer:
@@ -471,6 +495,8 @@ def calculate(expression):
 def _evaluate(node, sympy, functions, names):
     walk = functools.partial(_evaluate, sympy=sympy, functions=functions, names=names)
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if not math.isfinite(node.value):
+            raise ToolError(f"{node.value} is not a finite number")
         return sympy.Rational(repr(node.value)) if isinstance(node.value, float) else sympy.Integer(node.value)
     if isinstance(node, ast.Name) and node.id in names:
         return names[node.id]
@@ -486,6 +512,8 @@ def _evaluate(node, sympy, functions, names):
         args = [walk(a) for a in node.args]
         if node.func.id == "factorial" and not (args and args[0].is_number and abs(args[0]) <= 500):
             raise ToolError("factorial is computed for numbers up to 500")
+        if node.func.id == "diff" and any(a.is_number and abs(a) > 10 for a in args[1:]):
+            raise ToolError("derivatives are taken up to order 10")
         return _bounded(functions[node.func.id](*args))
     raise ToolError(f"{ast.unparse(node)!r} is not allowed: numbers, + - * / // % **, x y z, pi, e, and "
                     f"{', '.join(functions)}")
@@ -499,12 +527,16 @@ _OPERATORS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult
 def _check_power(base, exponent):
     if not exponent.is_number or abs(exponent) > 10_000:
         raise ToolError("exponents are numbers up to 10,000")
-    if base.is_number and base != 0 and abs(exponent) * math.log10(max(2.0, abs(float(base)))) > MAX_DIGITS:
+    if not base.is_number and abs(exponent) > 50:  # (x + y)**10000 would take sympy forever to expand
+        raise ToolError("a power of a symbol is taken up to 50")
+    size = max(abs(base.p), base.q).bit_length() * math.log10(2) if base.is_Rational else \
+        math.log10(max(2.0, abs(complex(base)))) if base.is_number else 0
+    if abs(exponent) * size > MAX_DIGITS:
         raise ToolError(f"the result would have more than {MAX_DIGITS} digits")
 
 
 def _bounded(value):
-    if getattr(value, "is_Rational", False) and max(len(str(abs(value.p))), len(str(value.q))) > MAX_DIGITS:
+    if getattr(value, "is_Rational", False) and max(abs(value.p), value.q).bit_length() * math.log10(2) > MAX_DIGITS:
         raise ToolError(f"the result has more than {MAX_DIGITS} digits")
     return value
 

@@ -104,6 +104,8 @@ def test_every_documented_form_parses(text, expected):
     ('brave_search.call("gold")', "keyword arguments only"),
     ("brave_search.call(query=open('x').read())", "literal values"),
     ('brave_search.call(query="x"', "does not parse"),
+    ("<function=weather>" + "[" * 100_000 + "]" * 100_000 + "</function>", "nested too deeply"),
+    ("brave_search.call(query={[1]: 2})", "literal values"),
 ])
 def test_malformed_calls_say_what_is_wrong(text, says):
     result = tools.parse_tool_call(text, custom_tools=("weather",))
@@ -126,6 +128,7 @@ def test_what_we_write_we_parse(name, arguments):
     ("4821 * 37195", str(4821 * 37195)), ("2^100", str(2 ** 100)), ("(7 - 10) * 3 // 2", str((7 - 10) * 3 // 2)),
     ("1/3 + 1/6", "1/2 ≈ 0.5"), ("0.1 + 0.2", "3/10 ≈ 0.3"), ("sqrt(8)", "2*sqrt(2) ≈ 2.82842712475"),
     ("factorial(20)", str(math.factorial(20))), ("x**2 = 4", "-2, 2"), ("diff(x**3, x)", "3*x**2"), ("gcd(84, 36)", "12"),
+    ("x = x", "true for every value"), ("2 = 3", "false"), ("(10**400)**2", str(10 ** 800)),
 ])
 def test_the_math_engine_is_exact(expression, answer):
     assert tools.calculate(expression) == answer
@@ -136,6 +139,9 @@ def test_the_math_engine_is_exact(expression, answer):
     ("__import__('os').system('echo hi')", "not allowed"), ("(lambda: 1)()", "not allowed"),
     ("signal.raise_signal(9) or 'x'.count('a')", "not allowed"), ("factorial(10**6)", "up to 500"),
     ("print(1", "cannot read"), ("1" * 400, "too long"), ("x.real", "not allowed"),
+    ("1 // 0", "ZeroDivisionError"), ("solve(sin(x) - x)", "cannot compute"), ("diff(x, 1.5)", "cannot compute"),
+    ("(1/10**999)**5", "more than 1000 digits"), ("1e400", "not a finite number"),
+    ("expand((x + y)**10000)", "up to 50"), ("diff(exp(x), x, 60)", "order 10"),
 ])
 def test_the_math_engine_refuses_what_it_must_not_run(expression, says):
     start = time.time()
@@ -152,6 +158,8 @@ def test_a_program_runs_and_shows_its_last_value():
     assert tools.run_python("x = 3\nx * 14") == ("42\n", "")
     assert tools.run_python("1 / 0")[1] == "ZeroDivisionError: division by zero"
     assert "SyntaxError" in tools.run_python("print(")[1]
+    assert tools.run_python("import sys\nprint('hi')\nsys.exit(0)") == ("hi\n", "")
+    assert tools.run_python("import sys\nsys.exit(3)") == ("", "exit status 3")
 
 
 def sandbox_processes():
@@ -169,6 +177,11 @@ def sandbox_processes():
     ("native code", "import ctypes\nctypes.CDLL(None).fork()", "ctypes"),
     ("signals", "import os\nos.kill(1, 9)", "os.kill"),
     ("network", "import socket\nsocket.create_connection(('pypi.org', 443))", "socket"),
+    ("tampering with the hook", "import __main__\n__main__.REFUSED = frozenset()\nimport os\nos.system('true')",
+     "os.system"),
+    ("swapping builtins", "import builtins\nbuiltins.isinstance = lambda *a: False\nimport os\nos.fork()", "os.fork"),
+    ("a folder's descriptor", "import os\nd = os.open('/', os.O_RDONLY)\nos.open('proc/self/environ', 0, dir_fd=d)",
+     "folders"),
 ])
 def test_hostile_programs_end_with_a_message_and_leave_nothing_running(name, code, says):
     start = time.time()
