@@ -143,6 +143,9 @@ MUTATIONS = {
         "tests/test_tools.py -k documented_form"),
     "sandbox_without_audit_hook": (
         "09_tools.py", "sys.addaudithook(hook)", "None", "tests/test_tools.py -k write_or_delete"),
+    "sandbox_hook_reads_its_names_late": (
+        "09_tools.py", "         REFUSED=REFUSED, CHANGES=CHANGES, isinstance=isinstance, any=any, str=str, bytes=bytes, int=int,\n"
+        "         PermissionError=PermissionError):", "):", "tests/test_tools.py -k hostile"),
     "sandbox_inherits_environment": (
         "09_tools.py", "env={}, stdin", "env=dict(os.environ), stdin", "tests/test_tools.py -k environment"),
     "tool_results_not_cut": (
