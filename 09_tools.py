@@ -629,8 +629,8 @@ PROGRAMS = [  # a short program whose output takes computing (the model copies i
 
 def tool_items(family, split, n, seed, countries):
     """n items of one family from one split: {family, prompt, answer, calls}; `calls` are the tool
-    calls that solve it, in order, with a {result} placeholder where a later call uses an earlier
-    result. Held-out questions never share a prompt (or, for facts, a country) with training ones."""
+    calls that solve it, in order (search_then_compute's second call uses the population the first
+    one finds). Held-out questions never share a prompt (or, for facts, a country) with training ones."""
     rng, items, tries = random.Random(f"{family}-{split}-{seed}"), {}, 0
     countries = [c for c in countries if rwd.is_held_out_prompt(c["name"]) == (split == "test")]
     while len(items) < n and tries < 50 * n:
@@ -647,7 +647,7 @@ def tool_items(family, split, n, seed, countries):
                     [("brave_search", {"query": f"population of {c['name']}"})])
         elif family == "program":
             code = rng.choice(PROGRAMS)(rng)
-            item = (f"What does this program print?\n{code}", None, [(CODE_TOOL, {"code": code})])
+            item = (f"What does this program print?\n{code}", program_output(code), [(CODE_TOOL, {"code": code})])
         else:  # search, then compute with what was found
             k = rng.randrange(2, 10)
             item = (f"What is {k} times the population of {c['name']}?", str(k * c["population"]),
@@ -667,9 +667,8 @@ def solved_dialog(item, tools, with_tools=True):
         # Our own template programs are trusted: run in-process (fast); the model's code gets the sandbox.
         result = program_output(arguments["code"]) if name == CODE_TOOL else execute(Call(name, arguments), tools)
         messages += [call_message(name, arguments), {"role": "ipython", "content": result}]
-    answer = item["answer"] if item["answer"] is not None else messages[-1]["content"]
-    item["answer"] = answer  # a program's answer is what it printed
-    return messages + [{"role": "assistant", "content": f"The answer is {answer}." if item.get("calls") else answer}]
+    answer = f"The answer is {item['answer']}." if item.get("calls") else item["answer"]
+    return messages + [{"role": "assistant", "content": answer}]
 
 
 @functools.lru_cache(maxsize=None)
@@ -845,8 +844,6 @@ def main(argv=None):
     tools = builtin_tools(cfg, index)
     test = [it for f in TOOL_FAMILIES for it in tool_items(f, "test", cfg.test_items, cfg.seed + 1, countries)]
     test += direct_items("test", cfg.test_items, cfg.seed + 1)
-    for it in test:
-        solved_dialog(it, tools)  # fills in each program's answer by running it
     base = mdl.load_checkpoint(init_path, mmap=False)[0].to(device)
     results = {"before": evaluate(base, tokenizer, test, tools, cfg)[0], "seeds": []}
     for s in range(cfg.seeds):
