@@ -869,11 +869,13 @@ def print_results(results, cfg):
     print(f"\nheld-out accuracy ({results['after'][TOOL_FAMILIES[0]]['items']} questions per family)")
     print(f"{'family':<21}{'before SFT':>12}{'without tools':>15}{'with tools':>12}{'oracle':>9}{'calls':>8}")
     for family, row in results["after"].items():
-        spread = [s[family]["with tools"] for s in results["seeds"]]
-        pm = f" ± {np.std(spread):.0%}" if len(spread) > 1 else ""
         oracle = "-" if row["oracle"] is None else f"{row['oracle']:.0%}"
         print(f"{family:<21}{results['before'][family]['with tools']:>12.0%}{row['without tools']:>15.0%}"
-              f"{row['with tools']:>12.0%}{pm}{oracle:>9}{row['calls']:>8.2f}")
+              f"{row['with tools']:>12.0%}{oracle:>9}{row['calls']:>8.2f}")
+    if len(results["seeds"]) > 1:  # the same held-out questions; each seed its own training data and order
+        print(f"with tools over {len(results['seeds'])} seeds: " + ", ".join(
+            f"{f} {np.mean(v):.0%} ± {np.std(v):.0%}" for f in results["after"]
+            for v in [[s[f]["with tools"] for s in results["seeds"]]]))
     print("code execution feedback:", ", ".join(f"{k} {v}" for k, v in results["code execution feedback"].items()))
     print("backtranslation:", ", ".join(f"{k} {v}" for k, v in results["backtranslation"].items()))
 
