@@ -222,7 +222,8 @@ SANDBOX_UID = 64_999  # started as root, programs run as this id: no account has
 
 # The child interpreter runs this first: it lowers its own limits (hard limits: the program cannot
 # raise them again), installs an audit hook (PEP 578) that refuses process creation, signals,
-# sockets, native code, writes outside the folder and reads under /proc, then runs the program,
+# sockets, native code, writes outside the folder, reads under /proc, and opening folders or
+# descriptors (dir_fd= would slip past the path checks), then runs the program,
 # printing the value of a final expression as an interactive interpreter would.
 GUARD = r'''
 import ast, builtins, os, resource, signal, sys, traceback
@@ -281,6 +282,7 @@ except BaseException as e:
 '''
 
 
+@functools.lru_cache(maxsize=2)
 def sandbox_interpreter(as_root):
     """Our interpreter, or (when root hands programs to SANDBOX_UID, who may not be able to enter
     the folders above ours) the first system python3 that every user can run."""
@@ -334,8 +336,13 @@ def run_python(code, timeout_s=5.0, memory_mb=512, max_output=2000):
 
 
 def kill_everything(process, as_root):
-    """SIGKILL the program's process group and, as root, every process SANDBOX_UID still has (a
-    child that left the group with setsid), until none is left."""
+    """SIGKILL the program's process group (even when its first process has already exited) and, as
+    root, every process SANDBOX_UID still has (a child that left the group with setsid), until none
+    is left."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     for _ in range(100):
         left = [process.pid] if process.poll() is None else []
         if as_root:
@@ -763,7 +770,7 @@ def backtranslate(model, tokenizer, kept, cfg):
     description -> kept when that code passes the original tests."""
     solutions = {p["prompt"]: (p, d[-1]["content"]) for p, d in kept}  # one per problem
     problems, codes = zip(*solutions.values()) if solutions else ((), ())
-    describe = [tokenizer.encode_dialog([{"role": "user", "content": describe_prompt(c)}]) for c in codes]
+    describe = [rwd.prompt_ids(tokenizer, describe_prompt(c)) for c in codes]
     descriptions = [tokenizer.decode(ids).strip() for ids in
                     (mdl.generate(model, describe, cfg.max_new_tokens, stop_tokens=tokenizer.stop_tokens) if describe else [])]
     asks = [f"Write a Python function {p['signature']} that {d[3:] if d.startswith('It ') else d}"
