@@ -1,4 +1,7 @@
-"""Every tutorial notebook executes top to bottom (its own asserts included) in a fresh kernel."""
+"""Every tutorial notebook executes top to bottom (its own asserts included) in a fresh kernel, and is
+committed with the outputs of its current code (tutorials/refresh.py stamps a hash of the code cells)."""
+import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -6,6 +9,13 @@ import pytest
 from conftest import reference
 
 TUTORIALS = sorted((Path(__file__).resolve().parent.parent / "tutorials").glob("*.ipynb"))
+
+
+def refresh_module():
+    spec = importlib.util.spec_from_file_location("refresh", TUTORIALS[0].parent / "refresh.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
@@ -18,3 +28,37 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
                             resources={"metadata": {"path": str(path.parent)}}).execute()
     errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
+def test_notebook_is_committed_with_the_outputs_of_its_code(path):
+    refresh = refresh_module()
+    notebook = json.loads(path.read_text())
+    code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    missing = [i for i, cell in enumerate(code) if "".join(cell["source"]).strip() and cell.get("execution_count") is None]
+    assert not missing, f"{path.name}: code cells {missing} were never run: python tutorials/refresh.py {path.name}"
+    assert any(cell.get("outputs") for cell in code), f"{path.name} has no outputs: python tutorials/refresh.py"
+    stamp = notebook["metadata"].get(refresh.STAMP, {}).get("code_sha256")
+    assert stamp == refresh.code_hash(notebook), \
+        f"{path.name}: its code changed after its outputs were made: python tutorials/refresh.py tutorials/{path.name}"
+
+
+def test_notebooks_open_with_what_they_teach_and_end_with_questions():
+    for path in TUTORIALS:
+        cells = json.loads(path.read_text())["cells"]
+        opening, closing = "".join(cells[0]["source"]), "".join(cells[-1]["source"])
+        assert cells[0]["cell_type"] == "markdown" and "§" in opening, f"{path.name}: open with what it teaches and where"
+        assert cells[-1]["cell_type"] == "markdown" and closing.startswith("## Questions"), f"{path.name}: end with questions"
+        assert closing.count("\n1. ") + closing.count("\n2. ") >= 2, f"{path.name}: 2-3 questions"
+
+
+def test_the_stamp_tracks_code_not_markdown_or_outputs():
+    refresh = refresh_module()
+    notebook = {"cells": [{"cell_type": "markdown", "source": "# a"}, {"cell_type": "code", "source": ["x = 1\n", "x"],
+                                                                       "outputs": []}]}
+    before = refresh.code_hash(notebook)
+    notebook["cells"][0]["source"] = "# b"
+    notebook["cells"][1]["outputs"] = [{"output_type": "stream", "text": "1"}]
+    assert refresh.code_hash(notebook) == before
+    notebook["cells"][1]["source"] = "x = 2\nx"
+    assert refresh.code_hash(notebook) != before
