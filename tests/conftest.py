@@ -1,5 +1,7 @@
 import importlib
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +87,12 @@ def reward_run(long_context, tmp_path_factory):
         ["--init", str(long_context), "--out", str(out), "--train-prompts", "12", "--test-prompts", "4",
          "--steps", "20", "--max-response-tokens", "8", "--device", "cpu"])
     return out
+
+
+def tutorial_module(name):
+    """A script from tutorials/ (refresh.py, report.py, exercises/reset.py) loaded as a module."""
+    path = Path(__file__).resolve().parent.parent / "tutorials" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tutorial_module
+
 an = importlib.import_module("05_anneal")
 pre = importlib.import_module("03_pretrain")
 tok = importlib.import_module("01_tokenizer")
@@ -98,6 +100,8 @@ def test_anneal_end_to_end_and_no_benchmark_item_in_the_annealing_data(annealed,
     saved = torch.load(out / "model.pt", weights_only=True)
     assert saved["averaged_steps"] == [6, 9, 12] and saved["args"]["max_seq_len"] == 128
     assert (out / "benchmarks.png").stat().st_size > 1000 and not (out / "ckpt.pt").exists()
+    section = "\n".join(tutorial_module("report").anneal_section(metrics, out.parent))  # the results report's table
+    assert all(f"| {name} | " in section and f"{r['val_loss_mean']:.3f} |" in section for name, r in metrics["results"].items())
     # the check itself: rebuild the benchmarks and search every item in the annealing data
     train = pre.TokenShards(folder / "03" / "data", "train")
     val = pre.TokenShards(folder / "03" / "data", "val")

@@ -1,7 +1,6 @@
 """The classroom exercises (tutorials/exercises): their checks pass on a copy filled in from the chapters,
 fail with a clear message on the blanks, and catch a plausible mistake in each exercise with its hint;
 reset.py restores the blanks."""
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -9,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import tutorial_module
 
 REPO = Path(__file__).resolve().parent.parent
 EXERCISES = REPO / "tutorials" / "exercises"
@@ -115,16 +116,9 @@ return "code_interpreter", {"code": text[len("<|python_tag|>"):].strip()}  # eve
 }
 
 
-def load_reset():
-    spec = importlib.util.spec_from_file_location("exercise_reset", EXERCISES / "reset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def fill(folder, bodies):
     """Writes each file's blanks, in order, with the given bodies (indented to the marker)."""
-    reset = load_reset()
+    reset = tutorial_module("exercises/reset")
     for name, blocks in bodies.items():
         path = folder / name
         blocks = iter(blocks)
@@ -178,7 +172,7 @@ def test_each_plausible_mistake_fails_with_its_hint(copy):
 
 
 def test_reset_restores_the_blanks(copy):
-    reset = load_reset()
+    reset = tutorial_module("exercises/reset")
     blanks = {p.name: p.read_text() for p in copy.glob("ex*.py")}
     assert all(reset.blank(text) == text for text in blanks.values())  # the committed files are blank
     fill(copy, FROM_CHAPTERS)

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from conftest import tutorial_module
+
 dpo = importlib.import_module("08_dpo")
 sft = importlib.import_module("07_sft")
 rwd = importlib.import_module("06_reward_model")
@@ -190,6 +192,8 @@ def test_end_to_end_two_rounds_from_tiny_models(long_context, reward_run, tmp_pa
     assert [sum(h["round"] == r for h in runs["ppo"][0]["steps"]) for r in (1, 2)] == dpo_steps  # PPO: the same budget
     assert (out / "dpo_steps.png").is_file() and (out / "rounds.png").is_file()
     assert len((out / "log.jsonl").read_text().splitlines()) == sum(dpo_steps)
+    section = "\n".join(tutorial_module("report").dpo_section(json.loads((out / "metrics.json").read_text()), out.parent))
+    assert "| SFT model | 0 |" in section and "| dpo, no NLL | 2 |" in section and "| ppo | 1 |" in section  # the report
 
 
 def test_rollouts_credit_the_reward_at_the_end_and_penalise_drift_from_the_reference(tokenizer, monkeypatch):

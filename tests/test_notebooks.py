@@ -1,21 +1,13 @@
 """Every tutorial notebook executes top to bottom (its own asserts included) in a fresh kernel, and is
 committed with the outputs of its current code (tutorials/refresh.py stamps a hash of the code cells)."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from conftest import reference
+from conftest import reference, tutorial_module
 
 TUTORIALS = sorted((Path(__file__).resolve().parent.parent / "tutorials").glob("*.ipynb"))
-
-
-def refresh_module():
-    spec = importlib.util.spec_from_file_location("refresh", TUTORIALS[0].parent / "refresh.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
@@ -32,7 +24,7 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
 def test_notebook_is_committed_with_the_outputs_of_its_code(path):
-    refresh = refresh_module()
+    refresh = tutorial_module("refresh")
     notebook = json.loads(path.read_text())
     code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
     missing = [i for i, cell in enumerate(code) if "".join(cell["source"]).strip() and cell.get("execution_count") is None]
@@ -53,7 +45,7 @@ def test_notebooks_open_with_what_they_teach_and_end_with_questions():
 
 
 def test_the_stamp_tracks_code_not_markdown_or_outputs():
-    refresh = refresh_module()
+    refresh = tutorial_module("refresh")
     notebook = {"cells": [{"cell_type": "markdown", "source": "# a"}, {"cell_type": "code", "source": ["x = 1\n", "x"],
                                                                        "outputs": []}]}
     before = refresh.code_hash(notebook)

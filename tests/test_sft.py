@@ -7,6 +7,8 @@ import random
 import pytest
 import torch
 
+from conftest import tutorial_module
+
 sft = importlib.import_module("07_sft")
 rwd = importlib.import_module("06_reward_model")
 pre = importlib.import_module("03_pretrain")
@@ -147,5 +149,7 @@ def test_end_to_end_two_rounds_from_tiny_models(long_context, reward_run, tmp_pa
     assert set(stats) == set(rwd.TASKS) and all(s["kept"] <= s["prompts"] for s in stats.values())
     assert metrics["rounds"][2]["dialogs"] == metrics["rounds"][1]["dialogs"] + sum(s["kept"] for s in stats.values())
     assert set(metrics["best_of_k"]["add"]) == {"greedy", "random sample", "reward model pick", "verifier pick (oracle)"}
+    section = "\n".join(tutorial_module("report").sft_section(metrics, out.parent))  # the results report's table
+    assert "| round 2 | " + " | ".join(f"{100 * a:.0f}%" for a in metrics["rounds"][2]["accuracy"].values()) in section
     model, args = mdl.load_checkpoint(out)
     assert args.max_seq_len == 128

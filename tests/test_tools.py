@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import tutorial_module
+
 tools = importlib.import_module("09_tools")
 tok = importlib.import_module("01_tokenizer")
 mdl = importlib.import_module("02_model")
@@ -392,6 +394,8 @@ def tools_run(small_tokenizer, tmp_path_factory):
 
 def test_the_chapter_writes_its_results(tools_run):
     metrics = json.loads((tools_run / "metrics.json").read_text())
+    section = "\n".join(tutorial_module("report").tools_section(metrics, tools_run.parent))  # the results report's
+    assert all(f"| {family} | {row['items']} |" in section for family, row in metrics["after"].items())
     families = set(tools.TOOL_FAMILIES) | set(tools.DIRECT_FAMILIES)
     assert set(metrics["after"]) == set(metrics["before"]) == families
     for row in metrics["after"].values():

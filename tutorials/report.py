@@ -91,19 +91,20 @@ def run_stage(stage, runs, log=print, python=sys.executable, root=ROOT):
     return time.time() - start
 
 
-def run_all(runs, rerun=(), stages=STAGES, log=print, **run_kwargs):
+def run_all(runs, rerun=(), stages=STAGES, log=print, python=sys.executable, root=ROOT):
     """Runs every stage that is out of date or named in `rerun` (a stage run again makes its readers out
-    of date), recording each one's wall time in runs/times.json."""
+    of date), recording each one's wall time in runs/times.json. `root` holds the chapters."""
     runs.mkdir(parents=True, exist_ok=True)
     times_path = runs / "times.json"
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
     for stage in stages:
-        reason = "asked to" if stage.name in rerun or "all" in rerun else out_of_date(stage, runs)
+        reason = "asked to" if stage.name in rerun or "all" in rerun else out_of_date(stage, runs, root)
         if not reason:
             log(f"{stage.name}: up to date")
             continue
         log(f"\n{stage.name}: running ({reason})")
-        times[stage.name] = {"seconds": run_stage(stage, runs, log, **run_kwargs), "finished": time.strftime("%F %T")}
+        seconds = run_stage(stage, runs, log, python, root)
+        times[stage.name] = {"seconds": seconds, "finished": time.strftime("%F %T")}
         times_path.write_text(json.dumps(times, indent=2))
     return times
 
