@@ -171,6 +171,31 @@ def test_each_plausible_mistake_fails_with_its_hint(copy):
     assert output.count("  hint: ") == 10
 
 
+SECOND_MISTAKES = {  # the second blank of the two-function exercises, the first filled in correctly
+    "ex02_rope.py": ("""wavelength = 2 * math.pi / freqs
+smooth = (original_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+blended = freqs * (smooth / factor + (1 - smooth))  # the blend's weights swapped
+scaled = torch.where(wavelength > original_len / low_freq_factor, freqs / factor, blended)
+return torch.where(wavelength < original_len / high_freq_factor, freqs, scaled)""", "wavelength = 2π / freq"),
+    "ex05_bpe.py": ("""out, j = [], 0
+while j < len(word):
+    if j + 1 < len(word) and word[j] == left and word[j + 1] == right:
+        out.append(new_id)
+    else:
+        out.append(word[j])
+    j += 1  # forgets to skip the pair's second token: [7, 7, 7] -> [new, new, 7]
+return out""", "after replacing a pair, skip both"),
+}
+
+
+def test_the_second_function_of_an_exercise_is_checked_too(copy):
+    fill(copy, {name: [FROM_CHAPTERS[name][0], body] for name, (body, _) in SECOND_MISTAKES.items()})
+    code, output = run_checks(copy)
+    assert code == 1 and "10 failed" in output, output  # the 8 blanks, and these two
+    for name, (_, hint) in SECOND_MISTAKES.items():
+        assert hint in output, (name, hint)
+
+
 def test_reset_restores_the_blanks(copy):
     reset = tutorial_module("exercises/reset")
     blanks = {p.name: p.read_text() for p in copy.glob("ex*.py")}

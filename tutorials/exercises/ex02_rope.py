@@ -6,8 +6,9 @@ by the angle position · freq[i], as if multiplying the complex number x[2i] + j
 
     (x0, x1) -> (x0·cos a - x1·sin a,  x0·sin a + x1·cos a)
 
-Llama 3.1 stretches the context from 8K to 128K by rescaling the frequencies once, before training
-(Meta's `apply_scaling`): with wavelength = 2π / freq,
+Llama 3.1's code rescales the frequencies once, before the position × frequency table is built (Meta's
+`apply_scaling`, factor 8 for 8K -> 128K; the paper itself reaches 128K by continued pre-training in six
+stages, §3.4.2): with wavelength = 2π / freq,
     wavelength < original_len / high_freq_factor   -> freq unchanged (fine position detail)
     wavelength > original_len / low_freq_factor    -> freq / factor (slow pairs stretched)
     in between: smooth = (original_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)

@@ -5,7 +5,7 @@ Pre-training packs several documents into one row of seq_len tokens. A token may
 when the key is not in its future (causal) AND the key belongs to the same document. Without the
 second condition, a document would read the end of an unrelated one as if it were its context.
 
-    pytest tutorials/exercises -k mask
+    pytest tutorials/exercises -k document
 """
 import torch
 

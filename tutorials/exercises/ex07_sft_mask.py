@@ -1,5 +1,5 @@
-"""Exercise 7 · The SFT loss mask (06_reward_model.py `render`, used by 07's SFT; Llama 3 §4.1.3:
-"we mask loss on prompt tokens"; the chat format of §4.1 and Meta's prompt-format page).
+"""Exercise 7 · The SFT loss mask (06_reward_model.py `render`, used by 07's SFT; Llama 3 §4.1.3 trains
+"while masking loss on prompt tokens"; the chat format of §4.1 and Meta's prompt-format page).
 
 A dialog becomes one token sequence: <|begin_of_text|>, then each message as
 <|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>. Fine-tuning learns only what

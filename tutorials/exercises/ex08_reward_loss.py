@@ -6,7 +6,8 @@ Bradley-Terry loss is -log σ(r_better - r_worse): near 0 when the better respon
 higher, log 2 when the two tie, large when the order is wrong. Sum it over the pairs.
 
 It must stay finite for any margin: with r_better - r_worse = -100 the loss is 100, not inf
-(σ(-100) rounds to 0 in float32; look for a function that computes log σ directly).
+(torch.sigmoid(torch.tensor(-100.)) returns 0 in float32, and log 0 is -inf; look for a function that
+computes log σ directly).
 
     pytest tutorials/exercises -k reward
 """
