@@ -1179,22 +1179,69 @@ def for_device(cfg, device):
     return replace(cfg, **changes)
 
 
-def claim_run_folder(out, resume):
+def claim_run_folder(out, resume, interrupted="ckpt.pt", finished="model.pt"):
     """What a chapter that resumes (04 and later) finds in its --out folder, refusing to overwrite
-    anything without --resume: "interrupted" (a ckpt.pt to resume from), "finished" (a model.pt and
-    no ckpt.pt: nothing left to do) or "new"."""
+    anything without --resume: "interrupted" (a checkpoint to resume from: `interrupted` names it, a
+    glob pattern), "finished" (the `finished` file and no checkpoint: nothing left to do) or "new"."""
     out = Path(out)
-    if (out / "ckpt.pt").is_file():
+    if any(out.glob(interrupted)):
         if not resume:
-            raise tok.UserError(f"{out} holds an interrupted run (ckpt.pt): pass --resume to continue it, "
+            raise tok.UserError(f"{out} holds an interrupted run ({interrupted}): pass --resume to continue it, "
                                 f"or --out to start another")
         return "interrupted"
-    if (out / "model.pt").is_file():
+    if (out / finished).is_file():
         if not resume:
-            raise tok.UserError(f"{out} already holds a finished run (model.pt): pass --out to start another "
+            raise tok.UserError(f"{out} already holds a finished run ({finished}): pass --out to start another "
                                 f"(or delete {out})")
         return "finished"
     return "new"
+
+
+class PhaseCheckpoints:
+    """Resuming a post-training run (06-09) at its training phases. Each training loop of a run is a
+    phase with a name ("seed 7 round 2"); every `every` steps and after its last it saves what its next
+    step needs (weights, optimizer, RNG states, log so far) to out/phase_NAME.pt, durably and atomically.
+    A finished phase's file stays until the run ends, so a resumed run repeats its sampling and
+    evaluation, which are seeded and give the same results, and skips the training already done. With
+    no `out` (tests, notebooks) nothing is saved or loaded."""
+
+    def __init__(self, out=None, config=None, every=50, resume=False, log=print):
+        self.out, self.config, self.every, self.resume, self.log = out and Path(out), config, every, resume, log
+
+    def path(self, phase):
+        return self.out / ("phase_" + re.sub(r"\W+", "_", phase).strip("_") + ".pt")
+
+    def restore(self, phase, model, optimizer):
+        """Loads the phase's saved weights and optimizer state; returns the rest of what it saved (step,
+        RNG states, log), or {} when there is nothing to resume. A file that cannot be loaded is
+        reported by name and the phase starts over."""
+        path = self.out and self.path(phase)
+        if not (self.resume and path and path.is_file()):
+            return {}
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged file: any unpickling or zip error
+            self.log(f"warning: {path} cannot be loaded ({type(e).__name__}); {phase} starts over")
+            return {}
+        if state.pop("config") != self.config:
+            raise tok.UserError(f"{path} was written with another configuration: resume with the same flags, "
+                                f"or start again with another --out")
+        model.load_state_dict(state.pop("model"))
+        optimizer.load_state_dict(state.pop("optimizer"))
+        self.log(f"resumed {phase} at step {state['step']} from {path.name}")
+        return state
+
+    def save(self, phase, step, last, model, optimizer, **state):
+        """After step `step` of a phase whose last step is `last`: saves when a checkpoint is due (every
+        `every` steps, and the last)."""
+        if self.out and (step % self.every == 0 or step == last):
+            mdl.atomic_save({"config": self.config, "step": step, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(), **state}, self.path(phase))
+
+    def finish(self):
+        """The run is complete: its phase files go."""
+        for path in self.out.glob("phase_*.pt") if self.out else ():
+            path.unlink()
 
 
 def truncate_log(path, keep):

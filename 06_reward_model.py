@@ -59,6 +59,7 @@ class RewardConfig:
     warmup: int = 10  # steps of linear warmup
     max_response_tokens: int = 24  # samples from the policy stop here if they have not ended
     dtype: str = "auto"  # auto: bf16 on CUDA, else fp32
+    ckpt_every: int = 50  # steps between the checkpoints of a training phase (--resume continues from the last)
     seed: int = 6  # prompts, corruptions, data order
 
 
@@ -381,13 +382,19 @@ def micro_batch(records, tokenizer, rng, device):
     return collate(rows, device), pairs
 
 
-def train_reward_model(reward_model, records, tokenizer, cfg, device, log=print):
-    """AdamW on the reward loss with 03's training step; returns the per-step log."""
+def train_reward_model(reward_model, records, tokenizer, cfg, device, log=print, phases=None, phase="reward model"):
+    """AdamW on the reward loss with 03's training step; returns the per-step log. `phases` (03's
+    PhaseCheckpoints) saves the loop's state as it goes and continues from a saved one."""
+    phases = phases or pre.PhaseCheckpoints()
     optimizer = pre.make_optimizer(reward_model, cfg.lr, fused=device.type == "cuda")
     autocast = mdl.autocast(device, cfg.dtype)
     rng, history = random.Random(cfg.seed), []
+    saved = phases.restore(phase, reward_model, optimizer)
+    if saved:
+        rng.setstate(saved["rng"])
+        history = saved["history"]
     usable = [r for r in records if ranked_pairs(r)]
-    for step in range(cfg.steps):
+    for step in range(saved.get("step", 0), cfg.steps):
         batch = rng.sample(usable, min(cfg.records_per_step, len(usable)))
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         loss, grad_norm = pre.train_step(reward_model, optimizer, [micro_batch(batch, tokenizer, rng, device)],
@@ -395,6 +402,7 @@ def train_reward_model(reward_model, records, tokenizer, cfg, device, log=print)
         history.append({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm})
         if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
             log(f"reward model step {step + 1:>4}/{cfg.steps} | loss {loss:.4f} | grad {grad_norm:.2f}")
+        phases.save(phase, step + 1, cfg.steps, reward_model, optimizer, rng=rng.getstate(), history=history)
     return history
 
 
@@ -507,6 +515,9 @@ def main(argv=None):
     init, out = Path(flags.init), Path(flags.out)
     if not (init / "model.pt").is_file():
         raise tok.UserError(f"{init / 'model.pt'} not found: run python 05_anneal.py first (or pass --init DIR)")
+    if pre.claim_run_folder(out, flags.resume, "phase_*.pt", "reward_model.pt") == "finished":
+        return print(f"{out} already holds the finished run: nothing to resume")
+    phases = pre.PhaseCheckpoints(out, asdict(cfg), cfg.ckpt_every, flags.resume)
     tokenizer = tok.Tokenizer.load(init / "tokenizer.model")
     base, _ = mdl.load_checkpoint(init, mmap=False)
     base = base.to(device)
@@ -519,11 +530,12 @@ def main(argv=None):
           f"({sum(len(ranked_pairs(r)) for r in train_records)} training pairs) in {time.time() - t0:.0f} s")
     reward_model = RewardModel(base).to(device)
     t0 = time.time()
-    history = train_reward_model(reward_model, train_records, tokenizer, cfg, device)
+    history = train_reward_model(reward_model, train_records, tokenizer, cfg, device, phases=phases)
     train_seconds = time.time() - t0
     results = pairwise_accuracy(test_records, score(reward_model, tokenizer, test_records, device))
     mean = accuracy_table(results)
     write_outputs(out, reward_model, tokenizer, cfg, train_records, history, results, mean, train_seconds, init)
+    phases.finish()
 
 
 def preferences(base, tokenizer, items, cfg, salt):
@@ -638,6 +650,7 @@ def parse_flags(argv):
     parser.add_argument("--out", default="runs/06_reward_model", help="output folder")
     parser.add_argument("--data", default=None, help="train on your own preference records (JSONL, 06's format)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     pre.add_config_flags(parser, RewardConfig, RewardConfig())
     return parser.parse_args(argv)
 

@@ -68,6 +68,7 @@ class SFTConfig:
     average: int = 1  # train the last round this many times (data orders) and average them (§4.1.5)
     seeds: int = 1  # repeat everything with this many seeds to show the spread (3 for the README)
     dtype: str = "auto"  # auto: bf16 on CUDA, else fp32
+    ckpt_every: int = 50  # steps between the checkpoints of a training phase (--resume continues from the last)
     seed: int = 7  # data order, samples
 
 
@@ -123,7 +124,7 @@ def check_dialog(messages, where):
 
 def pack_dialogs(rendered, seq_len, rng):
     """Rendered dialogs (ids, mask) -> packed rows (tokens, doc_ids, mask) of seq_len + 1, shuffled,
-    first-fit in order: no dialog is split and no row is padded beyond its last dialog (padding is a
+    next-fit in that order (a row is closed when the next dialog does not fit): no dialog is split and no row is padded beyond its last dialog (padding is a
     document of its own, -1, with mask 0). A dialog longer than a row gets a row of its own length."""
     order = list(range(len(rendered)))
     rng.shuffle(order)
@@ -185,9 +186,11 @@ def sft_lr(step, cfg):
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def finetune(base, dialogs, tokenizer, cfg, device, seed, log=print):
+def finetune(base, dialogs, tokenizer, cfg, device, seed, log=print, phases=None, phase="sft"):
     """A fresh copy of the base model (a checkpoint path, or a model: 08 continues its policy)
-    fine-tuned on `dialogs` for cfg.steps; returns it and its log."""
+    fine-tuned on `dialogs` for cfg.steps; returns it and its log. `phases` (03's PhaseCheckpoints)
+    saves the loop's state as it goes and continues from a saved one."""
+    phases = phases or pre.PhaseCheckpoints()
     model = copy.deepcopy(base) if isinstance(base, torch.nn.Module) else mdl.load_checkpoint(base, mmap=False)[0]
     model = model.to(device).train()
     optimizer = pre.make_optimizer(model, cfg.lr, fused=device.type == "cuda")
@@ -199,7 +202,11 @@ def finetune(base, dialogs, tokenizer, cfg, device, seed, log=print):
                             f"{model.args.max_seq_len} tokens): shorten them or extend the context first (04)")
     rows = []  # packed rows, refilled with a new shuffle whenever they run out
     history = []
-    for step in range(cfg.steps):
+    saved = phases.restore(phase, model, optimizer)
+    if saved:
+        rng.setstate(saved["rng"])
+        rows, history = saved["rows"], saved["history"]
+    for step in range(saved.get("step", 0), cfg.steps):
         batch_rows, n_dialogs = [], 0
         while n_dialogs < cfg.dialogs_per_step:
             if not rows:
@@ -218,6 +225,7 @@ def finetune(base, dialogs, tokenizer, cfg, device, seed, log=print):
         if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
             log(f"  sft step {step + 1:>4}/{cfg.steps} | loss {loss:.4f} | grad {grad_norm:.2f} | "
                 f"{history[-1]['ms']:.0f} ms")
+        phases.save(phase, step + 1, cfg.steps, model, optimizer, rng=rng.getstate(), rows=rows, history=history)
     return model.eval(), history
 
 
@@ -333,22 +341,28 @@ def main(argv=None):
     cfg = pre.for_device(pre.config_from_flags(flags, GPU_DEFAULTS if device.type == "cuda" else SFTConfig()), device)
     base_path, tokenizer = base_model(flags)
     out = Path(flags.out)
+    if pre.claim_run_folder(out, flags.resume, "phase_*.pt") == "finished":
+        return print(f"{out} already holds the finished run: nothing to resume")
+    phases = pre.PhaseCheckpoints(out, asdict(cfg), cfg.ckpt_every, flags.resume)
     out.mkdir(parents=True, exist_ok=True)
     if flags.data:  # the user's own dialogs: plain SFT, one round
         dialogs = read_dialogs(flags.data)
-        model, history = finetune(base_path, dialogs, tokenizer, replace(cfg, rounds=1), device, cfg.seed)
-        return save(out, model, tokenizer, cfg, {"dialogs": len(dialogs), "final_loss": history[-1]["loss"]}, history)
+        model, history = finetune(base_path, dialogs, tokenizer, replace(cfg, rounds=1), device, cfg.seed,
+                                  phases=phases)
+        save(out, model, tokenizer, cfg, {"dialogs": len(dialogs), "final_loss": history[-1]["loss"]}, history)
+        return phases.finish()
     reward_model, judges = load_reward_model(flags.reward_model, tokenizer, cfg, device)
-    runs = [sft_rounds(base_path, tokenizer, reward_model, judges, replace(cfg, seed=cfg.seed + 1000 * s), device)
-            for s in range(cfg.seeds)]
+    runs = [sft_rounds(base_path, tokenizer, reward_model, judges, replace(cfg, seed=cfg.seed + 1000 * s), device,
+                       phases) for s in range(cfg.seeds)]
     model, results, history = runs[0]
     results["seeds"] = [r[1]["rounds"] for r in runs]
     print_rounds(results, cfg)
     save(out, model, tokenizer, cfg, results, history)
     plot_rounds(results, out / "rounds.png")
+    phases.finish()
 
 
-def sft_rounds(base_path, tokenizer, reward_model, judges, cfg, device):
+def sft_rounds(base_path, tokenizer, reward_model, judges, cfg, device, phases=None):
     """Round 1 on seed data; each later round fine-tunes the base model again on the seed data and
     every round's rejection samples so far (§4.1.6). Returns the last model, results, its log."""
     seed_items = rwd.task_prompts("train", cfg.seed_prompts + cfg.pool_prompts, cfg.seed)
@@ -368,7 +382,8 @@ def sft_rounds(base_path, tokenizer, reward_model, judges, cfg, device):
     for r in range(1, cfg.rounds + 1):
         t0 = time.time()
         print(f"round {r}: fine-tuning the base model on {len(data):,} dialogs for {cfg.steps} steps")
-        runs = [finetune(base_path, data, tokenizer, cfg, device, cfg.seed + r * 10 + a) for a in range(cfg.average)]
+        runs = [finetune(base_path, data, tokenizer, cfg, device, cfg.seed + r * 10 + a, phases=phases,
+                         phase=f"seed {cfg.seed} round {r} order {a}") for a in range(cfg.average)]
         members = [accuracy(m, tokenizer, test, cfg) for m, _ in runs] if cfg.average > 1 else []
         model, history = runs[0] if cfg.average == 1 else (averaged([m for m, _ in runs]), runs[0][1])
         record = {"round": r, "dialogs": len(data), "accuracy": accuracy(model, tokenizer, test, cfg),
@@ -523,6 +538,7 @@ def parse_flags(argv):
     parser.add_argument("--out", default="runs/07_sft", help="output folder")
     parser.add_argument("--chat", action="store_true", help="talk to the model in --out")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     pre.add_config_flags(parser, SFTConfig, SFTConfig())
     return parser.parse_args(argv)
 

@@ -78,6 +78,7 @@ class DPOConfig:
     ppo_clip: float = 0.2  # PPO's ε
     seeds: int = 1  # repeat everything with this many seeds to show the spread (3 for the README)
     dtype: str = "auto"  # auto: bf16 on CUDA, else fp32
+    ckpt_every: int = 20  # steps between the checkpoints of a training phase (--resume continues from the last)
     seed: int = 8  # prompts, samples, data order
 
 
@@ -186,8 +187,10 @@ def dpo_batch_loss(model, micro_batch, cfg, stats):
     return loss.sum(), B
 
 
-def train_dpo(policy, reference, pairs, tokenizer, cfg, device, seed, log=print):
-    """cfg.epochs over the pairs of AdamW on dpo_loss (03's training step); returns the per-step log."""
+def train_dpo(policy, reference, pairs, tokenizer, cfg, device, seed, log=print, phases=None, phase="dpo"):
+    """cfg.epochs over the pairs of AdamW on dpo_loss (03's training step); returns the per-step log.
+    `phases` (03's PhaseCheckpoints) saves the loop's state as it goes and continues from a saved one."""
+    phases = phases or pre.PhaseCheckpoints()
     if not pairs:
         raise tok.UserError("no preference pairs: every prompt's samples were all right or all wrong. "
                             "Sample more (--samples) or use more prompts (--prompts)")
@@ -195,7 +198,11 @@ def train_dpo(policy, reference, pairs, tokenizer, cfg, device, seed, log=print)
     steps = max(1, math.ceil(cfg.epochs * len(pairs) / cfg.pairs_per_step))
     optimizer = pre.make_optimizer(policy.train(), cfg.lr, fused=device.type == "cuda")
     autocast, rng, history, order = mdl.autocast(device, cfg.dtype), random.Random(seed), [], []
-    for step in range(steps):
+    saved = phases.restore(phase, policy, optimizer)
+    if saved:
+        rng.setstate(saved["rng"])
+        history, order = saved["history"], saved["order"]
+    for step in range(saved.get("step", 0), steps):
         while len(order) < min(cfg.pairs_per_step, len(pairs)):  # every pair once per epoch, in a new order
             order += rng.sample(range(len(pairs)), len(pairs))
         picked, order = order[:cfg.pairs_per_step], order[cfg.pairs_per_step:]
@@ -209,6 +216,7 @@ def train_dpo(policy, reference, pairs, tokenizer, cfg, device, seed, log=print)
             log(f"  dpo step {step + 1:>4}/{steps} | loss {loss:.4f} | pref acc {stats['accuracy']:.0%} | "
                 f"margin {stats['margin']:+.2f} | logp chosen {stats['chosen_logp']:.2f} rejected "
                 f"{stats['rejected_logp']:.2f}")
+        phases.save(phase, step + 1, steps, policy, optimizer, rng=rng.getstate(), history=history, order=order)
     return history
 
 
@@ -254,12 +262,17 @@ def main(argv=None):
         raise tok.UserError(f"{init} not found: run python 07_sft.py first (or pass --init DIR)")
     init_path, tokenizer = sft.base_model(flags)
     out = Path(flags.out)
+    if pre.claim_run_folder(out, flags.resume, "phase_*.pt") == "finished":
+        return print(f"{out} already holds the finished run: nothing to resume")
+    phases = pre.PhaseCheckpoints(out, asdict(cfg), cfg.ckpt_every, flags.resume)
     out.mkdir(parents=True, exist_ok=True)
     policy = mdl.load_checkpoint(init_path, mmap=False)[0].to(device).eval()
     if flags.data:  # the user's own pairs: one round of DPO against the model itself
         pairs = read_pairs(flags.data)
-        history = train_dpo(policy, copy.deepcopy(policy).eval(), pairs, tokenizer, cfg, device, cfg.seed)
-        return save(out, policy, tokenizer, cfg, {"pairs": len(pairs), "final": history[-1]}, history)
+        history = train_dpo(policy, copy.deepcopy(policy).eval(), pairs, tokenizer, cfg, device, cfg.seed,
+                            phases=phases)
+        save(out, policy, tokenizer, cfg, {"pairs": len(pairs), "final": history[-1]}, history)
+        return phases.finish()
     reward_model, judges = sft.load_reward_model(flags.reward_model, tokenizer, cfg, device)
     judges = judges if cfg.judge == "reward model" else {family: "verifier" for family in TASKS}
     runs, configs = {}, [replace(cfg, seed=cfg.seed + 1000 * s) for s in range(cfg.seeds)]  # one per seed
@@ -267,10 +280,11 @@ def main(argv=None):
     variants = [("dpo", cfg.nll_weight)] + [("dpo, no NLL", 0.0)] * cfg.ablate_nll
     for name, nll_weight in variants:
         runs[name] = [dpo_rounds(policy, reward_model, tokenizer, judges, replace(c, nll_weight=nll_weight), device,
-                                 start) for c, start in zip(configs, starts)]
+                                 start, phases=phases) for c, start in zip(configs, starts)]
     if cfg.ppo:
         runs["ppo"] = [ppo_rounds(policy, reward_model, tokenizer, c, device, start,
-                                  [sum(h["round"] == r for h in dpo_run[2]) for r in range(1, cfg.rounds + 1)])
+                                  [sum(h["round"] == r for h in dpo_run[2]) for r in range(1, cfg.rounds + 1)],
+                                  phases=phases)
                        for c, start, dpo_run in zip(configs, starts, runs["dpo"])]
     results = {name: [r[1] for r in seeds] for name, seeds in runs.items()}
     final, history = runs["dpo"][0][0], runs["dpo"][0][2]
@@ -278,6 +292,7 @@ def main(argv=None):
     save(out, final, tokenizer, cfg, results, history)
     plot_steps(results, out / "dpo_steps.png")
     plot_rounds(results["dpo"][0], out / "rounds.png")
+    phases.finish()
 
 
 def sft_baseline(sft_model, judge, tokenizer, cfg):
@@ -287,7 +302,7 @@ def sft_baseline(sft_model, judge, tokenizer, cfg):
     return (test, *evaluate(sft_model, judge, tokenizer, test, None, cfg, cfg.seed + 99))
 
 
-def dpo_rounds(sft_model, judge, tokenizer, judges, cfg, device, start, log=print):
+def dpo_rounds(sft_model, judge, tokenizer, judges, cfg, device, start, log=print, phases=None):
     """The paper's loop from the SFT model; returns the last policy, per-round results and the DPO log.
     `judge`, 06's reward model, scores the win rates of every round (and of PPO) unchanged; a copy of
     it is retrained round by round to rank the samples."""
@@ -310,10 +325,12 @@ def dpo_rounds(sft_model, judge, tokenizer, judges, cfg, device, start, log=prin
             policy, _ = sft.finetune(policy, [sft.dialog(p["prompt"], p["chosen"]) for p in pairs], tokenizer,
                                      sft.SFTConfig(steps=cfg.sft_steps, lr=cfg.sft_lr, warmup=5, dtype=cfg.dtype,
                                                    seq_len=min(256, policy.args.max_seq_len - 1)),
-                                     device, cfg.seed + r, log=lambda *_: None)
+                                     device, cfg.seed + r, log=lambda *_: None, phases=phases,
+                                     phase=f"sft nll {cfg.nll_weight} seed {cfg.seed} round {r}")
         if pairs:  # (a round whose samples were all right or all wrong has nothing to prefer)
             reference = copy.deepcopy(policy).eval()
-            steps = train_dpo(policy, reference, pairs, tokenizer, cfg, device, cfg.seed + r, log)
+            steps = train_dpo(policy, reference, pairs, tokenizer, cfg, device, cfg.seed + r, log, phases,
+                              f"dpo nll {cfg.nll_weight} seed {cfg.seed} round {r}")
             history += [{"round": r, **s} for s in steps]
         table, _ = evaluate(policy.eval(), judge, tokenizer, test, sft_greedy, cfg, cfg.seed + 99)
         results["rounds"].append({"round": r, "pairs": stats, "eval": table, "seconds": time.time() - t0})
@@ -427,8 +444,9 @@ def ppo_batch_loss(actor_critic, micro_batch, cfg):
     return (loss * keep).sum(), keep.sum()
 
 
-def ppo_rounds(sft_model, reward_model, tokenizer, cfg, device, start, steps_per_round, log=print):
+def ppo_rounds(sft_model, reward_model, tokenizer, cfg, device, start, steps_per_round, log=print, phases=None):
     """PPO with DPO's budget: the same prompts, K samples each, and DPO's optimizer steps per round."""
+    phases = phases or pre.PhaseCheckpoints()
     items = rwd.task_prompts("train", cfg.prompts * cfg.rounds, cfg.seed)
     test, table, sft_greedy = start
     results = {"rounds": [{"round": 0, "eval": table}], "test_per_family": {f: sum(it["family"] == f for it in test)
@@ -441,12 +459,18 @@ def ppo_rounds(sft_model, reward_model, tokenizer, cfg, device, start, steps_per
         t0 = time.time()
         data = rollouts(actor_critic, reference, reward_model, tokenizer, items[r - 1::cfg.rounds], cfg, cfg.seed + r)
         optimizer = pre.make_optimizer(actor_critic.train(), cfg.ppo_lr, fused=device.type == "cuda")
-        for step in range(steps_per_round[r - 1]):
+        phase, steps = f"ppo seed {cfg.seed} round {r}", steps_per_round[r - 1]
+        saved = phases.restore(phase, actor_critic, optimizer)
+        if saved:
+            rng.setstate(saved["rng"])
+            results["steps"] = saved["log"]
+        for step in range(saved.get("step", 0), steps):
             index = torch.tensor(rng.sample(range(len(data[0])), min(2 * cfg.pairs_per_step, len(data[0]))))
             lr = cfg.ppo_lr * min(1.0, (step + 1) / cfg.warmup)
             loss, _ = pre.train_step(actor_critic, optimizer, [tuple(t[index] for t in data)],
                                      lambda m, b: ppo_batch_loss(m, b, cfg), lr, autocast=autocast)
             results["steps"].append({"round": r, "step": step + 1, "loss": loss})
+            phases.save(phase, step + 1, steps, actor_critic, optimizer, rng=rng.getstate(), log=results["steps"])
         table, _ = evaluate(actor_critic.policy.eval(), reward_model, tokenizer, test, sft_greedy, cfg, cfg.seed + 99)
         results["rounds"].append({"round": r, "eval": table, "seconds": time.time() - t0})
         log(f"ppo round {r} held-out greedy accuracy: " + ", ".join(f"{f} {v['greedy']:.0%}" for f, v in table.items()))
@@ -510,6 +534,7 @@ def parse_flags(argv):
     parser.add_argument("--data", default=None, help="DPO on your own preference pairs (JSONL) instead of the tasks")
     parser.add_argument("--out", default="runs/08_dpo", help="output folder")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     pre.add_config_flags(parser, DPOConfig, DPOConfig())
     return parser.parse_args(argv)
 

@@ -87,6 +87,7 @@ class ToolsConfig:
     temperature: float = 0.8  # for those samples
     seeds: int = 1  # repeat training and evaluation with this many seeds (3 for the README)
     dtype: str = "auto"  # auto: bf16 on CUDA, else fp32
+    ckpt_every: int = 50  # steps between the checkpoints of a training phase (--resume continues from the last)
     seed: int = 9  # items, data order, samples
 
 
@@ -844,6 +845,9 @@ def main(argv=None):
         raise tok.UserError(f"{flags.init} not found: run python 08_dpo.py first (or pass --init DIR)")
     init_path, tokenizer = sft.base_model(flags)
     out = Path(flags.out)
+    if pre.claim_run_folder(out, flags.resume, "phase_*.pt") == "finished":
+        return print(f"{out} already holds the finished run: nothing to resume")
+    phases = pre.PhaseCheckpoints(out, asdict(cfg), cfg.ckpt_every, flags.resume)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     countries = invented_countries(cfg.countries)
@@ -856,7 +860,8 @@ def main(argv=None):
     for s in range(cfg.seeds):
         data = training_dialogs(cfg, tools, countries, cfg.seed + 1000 * s)
         print(f"tool-use SFT (seed {s + 1}/{cfg.seeds}) on {len(data):,} dialogs for {cfg.steps} steps")
-        model, history = sft.finetune(base, data, tokenizer, cfg, device, cfg.seed + 1000 * s)
+        model, history = sft.finetune(base, data, tokenizer, cfg, device, cfg.seed + 1000 * s, phases=phases,
+                                      phase=f"seed {s + 1}")
         summary, dialogs = evaluate(model, tokenizer, test, tools, cfg)
         results["seeds"].append(summary)
         if s == 0:
@@ -870,6 +875,7 @@ def main(argv=None):
     print_results(results, cfg)
     save(out, final, tokenizer, cfg, results, final_history, transcripts, kept, back)
     plot_results(results, out / "tools.png")
+    phases.finish()
 
 
 def print_results(results, cfg):
@@ -939,6 +945,7 @@ def parse_flags(argv):
                         help="what search sees: the corpus and the invented facts, or the facts alone (fast)")
     parser.add_argument("--chat", action="store_true", help="talk to the model in --out")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     pre.add_config_flags(parser, ToolsConfig, ToolsConfig())
     return parser.parse_args(argv)
 

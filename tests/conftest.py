@@ -1,9 +1,15 @@
 import importlib
 import importlib.util
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def reference(module):
@@ -96,3 +102,57 @@ def tutorial_module(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def kill_when(cmd, when, cwd, timeout=600):
+    """Runs a chapter as a real process and kills it with SIGKILL as soon as `when()` holds (polled every
+    20 ms). Returns its exit status: -9 when it was killed, its own status if it ended first."""
+    process = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        if when():
+            process.kill()
+            break
+        time.sleep(0.02)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGKILL, f"not killed (exit {process.returncode}): {stderr.decode()[-2000:]}"
+    return process.returncode
+
+
+def saved_step(path):
+    """The step a phase checkpoint holds (0 while there is none)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["step"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return 0
+
+
+def without_timings(value):
+    """A run's metrics or log with the wall-clock fields left out (everything else must match exactly)."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in ("seconds", "train_seconds", "ms")}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def assert_same_run(ours, theirs, model="model.pt"):
+    """Two finished runs wrote the same metrics, log and weights (a resumed run against an uninterrupted one)."""
+    read = lambda folder: without_timings(json.loads((folder / "metrics.json").read_text()))
+    assert read(ours) == read(theirs)
+    log = lambda folder: [without_timings(json.loads(line)) for line in open(folder / "log.jsonl")]
+    assert log(ours) == log(theirs)
+    a, b = (torch.load(folder / model, map_location="cpu", weights_only=True)["model"] for folder in (ours, theirs))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(ours.glob("phase_*.pt"))  # a finished run leaves no phase checkpoints behind
+
+
+def check_kill_and_resume(main, script, argv, phase, step, tmp_path):
+    """A chapter run whole (in-process) against the same run killed with SIGKILL once its checkpoint
+    `phase` (a file name) holds `step`, then resumed with --resume: both must end the same."""
+    argv = [str(a) for a in argv]
+    main(argv + ["--out", str(tmp_path / "whole")])
+    out = tmp_path / "killed"
+    kill_when([sys.executable, script, *argv, "--out", out], lambda: saved_step(out / phase) >= step, tmp_path)
+    main(argv + ["--out", str(out), "--resume"])
+    assert_same_run(out, tmp_path / "whole")

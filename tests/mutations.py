@@ -159,6 +159,21 @@ MUTATIONS = {
         "countries = list(countries)", "tests/test_tools.py -k held_out"),
     "upsampling_ignored": (
         "05_anneal.py", "w * factors.get(pre.category_of(s), 1.0)", "w", "tests/test_anneal.py -k upsampling"),
+    "sft_phase_resumes_without_its_rng": (
+        "07_sft.py", '        rng.setstate(saved["rng"])\n        rows, history', "        rows, history",
+        "tests/test_sft.py -k sigkill"),
+    "reward_phase_saves_only_at_the_end": (
+        "03_pretrain.py", "(step % self.every == 0 or step == last)", "(step == last)",
+        "tests/test_reward_model.py -k sigkill"),
+    "ppo_phase_resumes_without_its_rng": (
+        "08_dpo.py", '            rng.setstate(saved["rng"])\n            results["steps"]', '            results["steps"]',
+        "tests/test_dpo.py -k interrupted"),
+    "report_never_out_of_date": (
+        "tutorials/report.py", "if p.is_file() and p.stat().st_mtime > metrics.stat().st_mtime]",
+        "if False]", "tests/test_report.py -k change"),
+    "exercise_check_accepts_halves": (
+        "tutorials/exercises/test_exercises.py", "expect_close(got, [[0.0, 1.0, 0.0, -2.0]]",
+        "expect_close(rotate_pairs(x, angles) * 0, 0 * rotate_pairs(x, angles)", "tests/test_course.py -k mistake"),
 }
 
 

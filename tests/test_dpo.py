@@ -3,11 +3,14 @@ full logits, which pairs a round keeps, DPO training moving the margin, bad inpu
 import importlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tutorial_module
+from conftest import assert_same_run, check_kill_and_resume, saved_step, tutorial_module
+
+ROOT = Path(__file__).resolve().parent.parent
 
 dpo = importlib.import_module("08_dpo")
 sft = importlib.import_module("07_sft")
@@ -246,3 +249,37 @@ def test_ppo_clipped_objective_by_hand():
     assert loss.tolist() == pytest.approx([-1.2, 1.5, -0.5, 0.8])
     loss.sum().backward()
     assert logps.grad.tolist() == pytest.approx([0.0, 1.5, -0.5, 0.0])  # d/dlogp of -ρA = -ρA where unclipped
+
+
+def test_sigkill_then_resume_own_pairs_gives_the_uninterrupted_run(long_context, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Is {n} even?", "chosen": "yes" if n % 2 == 0 else "no",
+                                        "rejected": "no" if n % 2 == 0 else "yes"}) + "\n" for n in range(12)))
+    argv = ["--init", long_context, "--data", path, "--epochs", "2", "--pairs-per-step", "2", "--ckpt-every", "3",
+            "--device", "cpu"]  # 12 steps
+    check_kill_and_resume(dpo.main, ROOT / "08_dpo.py", argv, "phase_dpo.pt", 6, tmp_path)
+
+
+def test_rounds_interrupted_in_dpo_and_in_ppo_resume_to_the_uninterrupted_run(long_context, reward_run, tmp_path,
+                                                                             monkeypatch):
+    """The rounds with the NLL ablation and PPO (canned samples, as in the end-to-end test), interrupted by a
+    crash at an optimizer step of round 2's DPO, then of PPO's round 1, each time resumed with --resume."""
+    def canned(model, tokenizer, prompts, cfg, seed, k=None, temperature=None):
+        return [[("yes" if (i + seed) % 2 else "no", True) for i in range(k or cfg.samples)] for _ in prompts]
+    monkeypatch.setattr(sft, "sample_answers", canned)
+    argv = [str(a) for a in ["--init", long_context, "--reward-model", reward_run, "--prompts", "6", "--test-prompts",
+                             "2", "--samples", "3", "--epochs", "2", "--pairs-per-step", "2", "--reward-steps", "2",
+                             "--pass-k", "2", "--ablate-nll", "--ppo", "--ckpt-every", "2", "--device", "cpu"]]
+    dpo.main(argv + ["--out", str(tmp_path / "whole")])
+    out, real_step = tmp_path / "killed", dpo.pre.train_step
+    for i, phase in enumerate(["dpo_nll_0_0_seed_8_round_2", "ppo_seed_8_round_1"]):  # plain DPO's round 2; PPO
+        def crashing(*args, **kwargs):  # an optimizer step that never finishes, once the phase has saved step 2
+            if saved_step(out / f"phase_{phase}.pt") >= 2:
+                raise KeyboardInterrupt("crash")
+            return real_step(*args, **kwargs)
+        monkeypatch.setattr(dpo.pre, "train_step", crashing)
+        with pytest.raises(KeyboardInterrupt):
+            dpo.main(argv + ["--out", str(out)] + ["--resume"] * i)
+    monkeypatch.setattr(dpo.pre, "train_step", real_step)
+    dpo.main(argv + ["--out", str(out), "--resume"])
+    assert_same_run(tmp_path / "killed", tmp_path / "whole")

@@ -23,6 +23,12 @@ MISTAKES = {  # chapter: [(argv, what the one line must say)]
                         (["--rope", "yarn"], "invalid choice"), (["--stages", "512,x"], "comma-separated int")],
     "05_anneal": [(["--data-dir", "{tmp}/missing"], "run python 03_pretrain.py first"),
                   (["--steps", "1"], "at least 2"), (["--upsample", "math"], "category=factor")],
+    "06_reward_model": [(["--init", "{tmp}/missing"], "run python 05_anneal.py first"),
+                        (["--policy-share", "half"], "invalid float value"), (["--steps", "many"], "invalid int value")],
+    "07_sft": [(["--init", "{tmp}/missing"], "run python 05_anneal.py first"),
+               (["--chat", "--out", "{tmp}/none"], "run python 07_sft.py first"), (["--seq-len", "x"], "invalid int")],
+    "08_dpo": [(["--init", "{tmp}/missing"], "run python 07_sft.py first"), (["--judge", "oracle"], "invalid choice"),
+               (["--beta", "x"], "invalid float value")],
     "09_tools": [(["--init", "{tmp}/missing"], "run python 08_dpo.py first"), (["--index", "web"], "invalid choice"),
                  (["--chat", "--out", "{tmp}/none"], "run python 09_tools.py first")],
 }

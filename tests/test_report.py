@@ -58,6 +58,7 @@ def test_a_fresh_run_runs_every_stage_in_order_reading_the_previous_outputs(chap
     argv = dict(made)
     assert argv["07_sft"] == ["--init", str(runs / "05_anneal"), "--reward-model", str(runs / "06_reward_model"),
                               "--out", str(runs / "07_sft")]
+    assert "--ppo" in argv["08_dpo"] and argv["08_dpo"][-2:] == ["--out", str(runs / "08_dpo")]  # PPO beside DPO
     assert argv["03_pretrain"][:2] == ["--tokenizer", str(runs / "01_tokenizer" / "tokenizer.model")]
     assert argv["05_anneal"][argv["05_anneal"].index("--data-dir") + 1] == str(runs / "03_pretrain" / "data")
     assert json.loads((runs / "times.json").read_text()).keys() == times.keys()

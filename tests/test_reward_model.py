@@ -4,10 +4,15 @@ import importlib
 import json
 import math
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import assert_same_run, kill_when, saved_step
+
+ROOT = Path(__file__).resolve().parent.parent
 rm = importlib.import_module("06_reward_model")
 mdl = importlib.import_module("02_model")
 tok = importlib.import_module("01_tokenizer")
@@ -178,3 +183,24 @@ def test_end_to_end_from_a_tiny_base_model(reward_run, long_context, tmp_path):
     rm.main(["--init", str(long_context), "--data", str(out / "preferences.jsonl"), "--out", str(tmp_path / "again"),
              "--test-prompts", "2", "--steps", "3", "--max-response-tokens", "8", "--device", "cpu"])
     assert (tmp_path / "again" / "reward_model.pt").is_file()
+
+
+def test_sigkill_twice_then_resume_gives_the_uninterrupted_run(long_context, tmp_path):
+    """kill -9 during training (after the checkpoint at step 4), resume, kill -9 again (after step 12),
+    resume: the same preferences, losses, reward model and accuracies as a run never interrupted."""
+    argv = ["--init", long_context, "--train-prompts", "12", "--test-prompts", "4", "--steps", "20",
+            "--max-response-tokens", "8", "--ckpt-every", "4", "--device", "cpu"]
+    rm.main([str(a) for a in argv + ["--out", tmp_path / "whole"]])
+    out, phase = tmp_path / "killed", tmp_path / "killed" / "phase_reward_model.pt"
+    command = [sys.executable, ROOT / "06_reward_model.py", *argv, "--out", out]
+    kill_when(command, lambda: saved_step(phase) >= 4, tmp_path)
+    assert saved_step(phase) < 20  # killed mid-training, not after it
+    with pytest.raises(tok.UserError, match="--resume"):
+        rm.main([str(a) for a in argv + ["--out", out]])  # an interrupted run is never overwritten
+    kill_when(command + ["--resume"], lambda: saved_step(phase) >= 12, tmp_path)
+    assert saved_step(phase) < 20
+    rm.main([str(a) for a in argv + ["--out", out, "--resume"]])
+    assert_same_run(out, tmp_path / "whole", model="reward_model.pt")
+    head = lambda folder: torch.load(folder / "reward_model.pt", weights_only=True)["reward_head"]
+    assert torch.equal(head(out), head(tmp_path / "whole"))
+    assert (out / "preferences.jsonl").read_text() == (tmp_path / "whole" / "preferences.jsonl").read_text()

@@ -3,11 +3,15 @@ training step), worked sums, the rejection-sampling pick, bad input, the chat lo
 import importlib
 import json
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tutorial_module
+from conftest import assert_same_run, kill_when, saved_step, tutorial_module
+
+ROOT = Path(__file__).resolve().parent.parent
 
 sft = importlib.import_module("07_sft")
 rwd = importlib.import_module("06_reward_model")
@@ -153,3 +157,22 @@ def test_end_to_end_two_rounds_from_tiny_models(long_context, reward_run, tmp_pa
     assert "| round 2 | " + " | ".join(f"{100 * a:.0f}%" for a in metrics["rounds"][2]["accuracy"].values()) in section
     model, args = mdl.load_checkpoint(out)
     assert args.max_seq_len == 128
+
+
+def test_sigkill_in_each_round_then_resume_gives_the_uninterrupted_run(long_context, reward_run, tmp_path):
+    """kill -9 in round 1's fine-tuning, resume, kill -9 in round 2's (after its rejection sampling),
+    resume: the same rounds, samples, losses and model as a run never interrupted."""
+    argv = ["--init", long_context, "--reward-model", reward_run, "--steps", "8", "--seed-prompts", "8",
+            "--pool-prompts", "4", "--test-prompts", "2", "--samples", "2", "--max-new-tokens", "16", "--seq-len", "127",
+            "--dialogs-per-step", "8", "--long-context", "1", "--ckpt-every", "3", "--device", "cpu"]
+    sft.main([str(a) for a in argv + ["--out", tmp_path / "whole"]])
+    out = tmp_path / "killed"
+    command = [sys.executable, ROOT / "07_sft.py", *argv, "--out", out]
+    kill_when(command, lambda: saved_step(out / "phase_seed_7_round_1_order_0.pt") >= 3, tmp_path)
+    kill_when(command + ["--resume"], lambda: saved_step(out / "phase_seed_7_round_2_order_0.pt") >= 3, tmp_path)
+    assert saved_step(out / "phase_seed_7_round_1_order_0.pt") == 8  # round 1 done, round 2 under way
+    assert saved_step(out / "phase_seed_7_round_2_order_0.pt") < 8
+    sft.main([str(a) for a in argv + ["--out", out, "--resume"]])
+    assert_same_run(out, tmp_path / "whole")
+    with pytest.raises(tok.UserError, match="already holds a finished run"):
+        sft.main([str(a) for a in argv + ["--out", out]])  # a finished run is never overwritten either

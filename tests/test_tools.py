@@ -13,7 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import tutorial_module
+from conftest import check_kill_and_resume, tutorial_module
+
+ROOT = Path(__file__).resolve().parent.parent
 
 tools = importlib.import_module("09_tools")
 tok = importlib.import_module("01_tokenizer")
@@ -377,14 +379,21 @@ def test_execution_feedback_and_backtranslation_count_what_they_keep(small_token
 
 
 @pytest.fixture(scope="module")
-def tools_run(small_tokenizer, tmp_path_factory):
-    """09 on a tiny fresh model with a context long enough for tool dialogs."""
+def tiny_init(small_tokenizer, tmp_path_factory):
+    """A tiny fresh model with a context long enough for tool dialogs, and its tokenizer."""
     folder = tmp_path_factory.mktemp("init09")
     torch.manual_seed(0)
     args = mdl.ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=small_tokenizer.n_words,
                          multiple_of=32, max_seq_len=512)
     mdl.save_checkpoint(folder / "model.pt", mdl.Transformer(args))
     small_tokenizer.save(folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tools_run(tiny_init, tmp_path_factory):
+    """09 on the tiny model."""
+    folder = tiny_init
     out = tmp_path_factory.mktemp("run09") / "09"
     tools.main(["--init", str(folder), "--out", str(out), "--index", "facts", "--countries", "50", "--steps", "3",
                 "--train-items", "6", "--test-items", "2", "--code-problems", "2", "--code-samples", "2",
@@ -415,3 +424,12 @@ def test_chat_prints_the_answer(tools_run):
             raise EOFError
     tools.chat(tools_run, "cpu", read=read, write=lambda *a, **k: said.append(" ".join(map(str, a))))
     assert any(line.startswith("model> ") for line in said)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_run(tiny_init, tmp_path):
+    """kill -9 during tool-use SFT (after the checkpoint at step 3), then --resume: the same evaluations,
+    code-pipeline counts, losses and model as a run never interrupted."""
+    argv = ["--init", tiny_init, "--index", "facts", "--countries", "50", "--steps", "8", "--train-items", "6",
+            "--test-items", "2", "--code-problems", "2", "--code-samples", "2", "--max-new-tokens", "16",
+            "--ckpt-every", "3", "--device", "cpu"]
+    check_kill_and_resume(tools.main, ROOT / "09_tools.py", argv, "phase_seed_1.pt", 3, tmp_path)

@@ -1,5 +1,5 @@
-"""The results report: runs the stages in order with their CPU defaults (each exactly as `python NN_name.py`
-would), then writes runs/REPORT.md with every stage's headline numbers and plots, laid out like the
+"""The results report: runs the stages in order with their CPU defaults (each as `python NN_name.py` would;
+08 with --ppo, so that PPO stands beside DPO in the results), then writes runs/REPORT.md with every stage's headline numbers and plots, laid out like the
 paper's result tables at our scale, the wall time of each stage and the machine.
 
     python tutorials/report.py                    # run what is missing or out of date, then write the report
@@ -34,13 +34,13 @@ class Stage:
     resumes: bool  # takes --resume after an interruption
 
     def argv(self, runs):
-        """The chapter's own flags for where it reads and writes; everything else stays at its default."""
+        """The chapter's own flags for where it reads and writes (and 08's --ppo); the rest stays at its defaults."""
         paths = {"01_tokenizer": [], "03_pretrain": ["--tokenizer", runs / "01_tokenizer" / "tokenizer.model"],
                  "04_long_context": ["--init", runs / "03_pretrain"],
                  "05_anneal": ["--init", runs / "04_long_context", "--data-dir", runs / "03_pretrain" / "data"],
                  "06_reward_model": ["--init", runs / "05_anneal"],
                  "07_sft": ["--init", runs / "05_anneal", "--reward-model", runs / "06_reward_model"],
-                 "08_dpo": ["--init", runs / "07_sft", "--reward-model", runs / "06_reward_model"],
+                 "08_dpo": ["--init", runs / "07_sft", "--reward-model", runs / "06_reward_model", "--ppo"],
                  "09_tools": ["--init", runs / "08_dpo"]}[self.name]
         return [str(a) for a in [*paths, "--out", runs / self.name]]
 
