@@ -204,3 +204,35 @@ def test_sigkill_twice_then_resume_gives_the_uninterrupted_run(long_context, tmp
     head = lambda folder: torch.load(folder / "reward_model.pt", weights_only=True)["reward_head"]
     assert torch.equal(head(out), head(tmp_path / "whole"))
     assert (out / "preferences.jsonl").read_text() == (tmp_path / "whole" / "preferences.jsonl").read_text()
+
+
+def test_phase_checkpoints_restore_name_a_damaged_file_and_refuse_another_config(tmp_path):
+    """03's PhaseCheckpoints, which 06-09 resume from: what it saves comes back exactly; a damaged file is
+    reported by name and its phase starts over; a checkpoint of another configuration is refused."""
+    pre = importlib.import_module("03_pretrain")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    saving = pre.PhaseCheckpoints(tmp_path, {"lr": 0.1}, every=2)
+    saving.save("round 1", 1, 5, model, optimizer, history=[1.0])  # not due: every 2 steps, or the last
+    assert not saving.path("round 1").exists()
+    saving.save("round 1", 2, 5, model, optimizer, history=[1.0, 2.0])
+    fresh = torch.nn.Linear(4, 3)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    state = pre.PhaseCheckpoints(tmp_path, {"lr": 0.1}, resume=True, log=print).restore("round 1", fresh, fresh_optimizer)
+    assert state == {"step": 2, "history": [1.0, 2.0]} and saving.path("round 1").name == "phase_round_1.pt"
+    assert torch.equal(fresh.weight, model.weight)
+    assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert pre.PhaseCheckpoints(tmp_path, {"lr": 0.1}).restore("round 1", fresh, fresh_optimizer) == {}  # no --resume
+    with pytest.raises(tok.UserError, match="another configuration"):
+        pre.PhaseCheckpoints(tmp_path, {"lr": 0.2}, resume=True).restore("round 1", fresh, fresh_optimizer)
+    path = saving.path("round 1")
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as by a full disk
+    said = []
+    assert pre.PhaseCheckpoints(tmp_path, {"lr": 0.1}, resume=True, log=said.append).restore("round 1", fresh,
+                                                                                               fresh_optimizer) == {}
+    assert str(path) in said[0] and "round 1 starts over" in said[0]
+    saving.finish()
+    assert not list(tmp_path.glob("phase_*.pt"))
