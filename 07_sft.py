@@ -124,8 +124,9 @@ def check_dialog(messages, where):
 
 def pack_dialogs(rendered, seq_len, rng):
     """Rendered dialogs (ids, mask) -> packed rows (tokens, doc_ids, mask) of seq_len + 1, shuffled,
-    next-fit in that order (a row is closed when the next dialog does not fit): no dialog is split and no row is padded beyond its last dialog (padding is a
-    document of its own, -1, with mask 0). A dialog longer than a row gets a row of its own length."""
+    next-fit in that order (a row is closed when the next dialog does not fit): no dialog is split
+    and no row is padded beyond its last dialog (padding is a document of its own, -1, with mask 0).
+    A dialog longer than a row gets a row of its own length."""
     order = list(range(len(rendered)))
     rng.shuffle(order)
     rows, current = [], ([], [], [])
