@@ -1,6 +1,7 @@
 """The results report: runs the stages in order with their CPU defaults (each as `python NN_name.py` would;
-08 with --ppo, so that PPO stands beside DPO in the results), then writes runs/REPORT.md with every stage's headline numbers and plots, laid out like the
-paper's result tables at our scale, the wall time of each stage and the machine.
+08 with --ppo, so that PPO stands beside DPO), then writes runs/REPORT.md with every stage's headline
+numbers and plots, laid out like the paper's result tables at our scale, the wall time of each stage
+and the machine.
 
     python tutorials/report.py                    # run what is missing or out of date, then write the report
     python tutorials/report.py --rerun 07_sft     # run 07 again (and so everything after it)
@@ -238,12 +239,13 @@ def machine():
 
 def write_report(runs, times, stages=STAGES):
     """runs/REPORT.md from the stages' metrics.json files; a stage not run yet says so."""
+    def minutes(name):
+        return times[name]["seconds"] / 60 if name in times else None
+    rows = [[s.name, "—" if minutes(s.name) is None else f"{minutes(s.name):.1f} min",
+             f"{s.budget_min:g} min" + (" (over)" if (minutes(s.name) or 0) > s.budget_min else "")] for s in stages]
+    total = f"{sum(t['seconds'] for t in times.values()) / 60:.1f} min" if times else "—"
     lines = ["# Results report", "", f"Written {time.strftime('%F %T')} on {machine()}.", "",
-             *table(["stage", "wall time", "budget"],
-                    [[s.name, f"{times[s.name]['seconds'] / 60:.1f} min" if s.name in times else "—",
-                      f"{s.budget_min:g} min" + (" (over)" if times.get(s.name, {}).get("seconds", 0) > 60 * s.budget_min
-                                                else "")] for s in stages]),
-             f"| all | {sum(t['seconds'] for t in times.values()) / 60:.1f} min | 60 min |" if times else "| all | — | 60 min |"]
+             *table(["stage", "wall time", "budget"], rows), f"| all | {total} | 60 min |"]
     for stage in stages:
         title, section = SECTIONS[stage.name]
         metrics = read_metrics(runs, stage.name)
