@@ -227,6 +227,35 @@ SECTIONS = {"01_tokenizer": ("Tokenizer", tokenizer_section), "03_pretrain": ("P
             "09_tools": ("Tool use", tools_section)}
 
 
+LOSS_MEANING = {"03": "next-token loss", "04": "next-token loss, long rows", "05": "next-token loss, annealing",
+                "06": "Bradley-Terry loss", "07": "SFT loss (last round)", "08": "DPO loss + 0.2 NLL",
+                "09": "tool-use SFT loss"}
+
+
+def plot_losses(runs, stages=STAGES):
+    """runs/losses.png: every stage's training loss per optimizer step, from its log.jsonl, side by side
+    (each loss means something else: the panel says what). Returns the image's lines for the report."""
+    logs = [(s.name, [json.loads(line) for line in open(runs / s.name / "log.jsonl")]) for s in stages
+            if (runs / s.name / "log.jsonl").is_file()]
+    logs = [(name, [r["loss"] for r in records if "loss" in r]) for name, records in logs]
+    logs = [(name, losses) for name, losses in logs if losses]
+    if not logs:
+        return []
+    from matplotlib.figure import Figure  # no pyplot: nothing global, nothing left open
+    cols = min(4, len(logs))
+    rows = -(-len(logs) // cols)
+    fig = Figure(figsize=(3.6 * cols, 2.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    for ax in axes[len(logs):]:
+        ax.set_visible(False)
+    for ax, (name, losses) in zip(axes, logs):
+        ax.plot(range(1, len(losses) + 1), losses, lw=0.8)
+        ax.set_title(name, fontsize=9), ax.set_xlabel("step"), ax.set_ylabel(LOSS_MEANING.get(name[:2], "loss"))
+    fig.tight_layout()
+    fig.savefig(runs / "losses.png", dpi=90)
+    return ["## Training curves", "", "![every stage's training loss](losses.png)"]
+
+
 def machine():
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").is_file():
@@ -245,7 +274,8 @@ def write_report(runs, times, stages=STAGES):
              f"{s.budget_min:g} min" + (" (over)" if (minutes(s.name) or 0) > s.budget_min else "")] for s in stages]
     total = f"{sum(t['seconds'] for t in times.values()) / 60:.1f} min" if times else "—"
     lines = ["# Results report", "", f"Written {time.strftime('%F %T')} on {machine()}.", "",
-             *table(["stage", "wall time", "budget"], rows), f"| all | {total} | 60 min |"]
+             *table(["stage", "wall time", "budget"], rows), f"| all | {total} | 60 min |", "",
+             *plot_losses(runs, stages)]
     for stage in stages:
         title, section = SECTIONS[stage.name]
         metrics = read_metrics(runs, stage.name)
