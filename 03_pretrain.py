@@ -1211,10 +1211,10 @@ class PhaseCheckpoints:
     def path(self, phase):
         return self.out / ("phase_" + re.sub(r"\W+", "_", phase).strip("_") + ".pt")
 
-    def restore(self, phase, model, optimizer):
-        """Loads the phase's saved weights and optimizer state; returns the rest of what it saved (step,
-        RNG states, log), or {} when there is nothing to resume. A file that cannot be loaded is
-        reported by name and the phase starts over."""
+    def restore(self, phase, model, optimizer, rng):
+        """Loads the phase's saved weights, optimizer state and the state of its data-order `rng` (a
+        random.Random); returns the rest of what it saved (step, log, ...), or {} when there is nothing
+        to resume. A file that cannot be loaded is reported by name and the phase starts over."""
         path = self.out and self.path(phase)
         if not (self.resume and path and path.is_file()):
             return {}
@@ -1228,15 +1228,16 @@ class PhaseCheckpoints:
                                 f"or start again with another --out")
         model.load_state_dict(state.pop("model"))
         optimizer.load_state_dict(state.pop("optimizer"))
+        rng.setstate(state.pop("rng"))
         self.log(f"resumed {phase} at step {state['step']} from {path.name}")
         return state
 
-    def save(self, phase, step, last, model, optimizer, **state):
+    def save(self, phase, step, last, model, optimizer, rng, **state):
         """After step `step` of a phase whose last step is `last`: saves when a checkpoint is due (every
         `every` steps, and the last)."""
         if self.out and (step % self.every == 0 or step == last):
             mdl.atomic_save({"config": self.config, "step": step, "model": model.state_dict(),
-                             "optimizer": optimizer.state_dict(), **state}, self.path(phase))
+                             "optimizer": optimizer.state_dict(), "rng": rng.getstate(), **state}, self.path(phase))
 
     def finish(self):
         """The run is complete: its phase files go."""

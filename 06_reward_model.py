@@ -389,10 +389,8 @@ def train_reward_model(reward_model, records, tokenizer, cfg, device, log=print,
     optimizer = pre.make_optimizer(reward_model, cfg.lr, fused=device.type == "cuda")
     autocast = mdl.autocast(device, cfg.dtype)
     rng, history = random.Random(cfg.seed), []
-    saved = phases.restore(phase, reward_model, optimizer)
-    if saved:
-        rng.setstate(saved["rng"])
-        history = saved["history"]
+    saved = phases.restore(phase, reward_model, optimizer, rng)
+    history = saved.get("history", history)
     usable = [r for r in records if ranked_pairs(r)]
     for step in range(saved.get("step", 0), cfg.steps):
         batch = rng.sample(usable, min(cfg.records_per_step, len(usable)))
@@ -402,7 +400,7 @@ def train_reward_model(reward_model, records, tokenizer, cfg, device, log=print,
         history.append({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm})
         if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
             log(f"reward model step {step + 1:>4}/{cfg.steps} | loss {loss:.4f} | grad {grad_norm:.2f}")
-        phases.save(phase, step + 1, cfg.steps, reward_model, optimizer, rng=rng.getstate(), history=history)
+        phases.save(phase, step + 1, cfg.steps, reward_model, optimizer, rng, history=history)
     return history
 
 

@@ -203,10 +203,8 @@ def finetune(base, dialogs, tokenizer, cfg, device, seed, log=print, phases=None
                             f"{model.args.max_seq_len} tokens): shorten them or extend the context first (04)")
     rows = []  # packed rows, refilled with a new shuffle whenever they run out
     history = []
-    saved = phases.restore(phase, model, optimizer)
-    if saved:
-        rng.setstate(saved["rng"])
-        rows, history = saved["rows"], saved["history"]
+    saved = phases.restore(phase, model, optimizer, rng)
+    rows, history = saved.get("rows", rows), saved.get("history", history)
     for step in range(saved.get("step", 0), cfg.steps):
         batch_rows, n_dialogs = [], 0
         while n_dialogs < cfg.dialogs_per_step:
@@ -226,7 +224,7 @@ def finetune(base, dialogs, tokenizer, cfg, device, seed, log=print, phases=None
         if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
             log(f"  sft step {step + 1:>4}/{cfg.steps} | loss {loss:.4f} | grad {grad_norm:.2f} | "
                 f"{history[-1]['ms']:.0f} ms")
-        phases.save(phase, step + 1, cfg.steps, model, optimizer, rng=rng.getstate(), rows=rows, history=history)
+        phases.save(phase, step + 1, cfg.steps, model, optimizer, rng, rows=rows, history=history)
     return model.eval(), history
 
 

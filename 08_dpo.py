@@ -198,10 +198,8 @@ def train_dpo(policy, reference, pairs, tokenizer, cfg, device, seed, log=print,
     steps = max(1, math.ceil(cfg.epochs * len(pairs) / cfg.pairs_per_step))
     optimizer = pre.make_optimizer(policy.train(), cfg.lr, fused=device.type == "cuda")
     autocast, rng, history, order = mdl.autocast(device, cfg.dtype), random.Random(seed), [], []
-    saved = phases.restore(phase, policy, optimizer)
-    if saved:
-        rng.setstate(saved["rng"])
-        history, order = saved["history"], saved["order"]
+    saved = phases.restore(phase, policy, optimizer, rng)
+    history, order = saved.get("history", history), saved.get("order", order)
     for step in range(saved.get("step", 0), steps):
         while len(order) < min(cfg.pairs_per_step, len(pairs)):  # every pair once per epoch, in a new order
             order += rng.sample(range(len(pairs)), len(pairs))
@@ -216,7 +214,7 @@ def train_dpo(policy, reference, pairs, tokenizer, cfg, device, seed, log=print,
             log(f"  dpo step {step + 1:>4}/{steps} | loss {loss:.4f} | pref acc {stats['accuracy']:.0%} | "
                 f"margin {stats['margin']:+.2f} | logp chosen {stats['chosen_logp']:.2f} rejected "
                 f"{stats['rejected_logp']:.2f}")
-        phases.save(phase, step + 1, steps, policy, optimizer, rng=rng.getstate(), history=history, order=order)
+        phases.save(phase, step + 1, steps, policy, optimizer, rng, history=history, order=order)
     return history
 
 
@@ -460,17 +458,15 @@ def ppo_rounds(sft_model, reward_model, tokenizer, cfg, device, start, steps_per
         data = rollouts(actor_critic, reference, reward_model, tokenizer, items[r - 1::cfg.rounds], cfg, cfg.seed + r)
         optimizer = pre.make_optimizer(actor_critic.train(), cfg.ppo_lr, fused=device.type == "cuda")
         phase, steps = f"ppo seed {cfg.seed} round {r}", steps_per_round[r - 1]
-        saved = phases.restore(phase, actor_critic, optimizer)
-        if saved:
-            rng.setstate(saved["rng"])
-            results["steps"] = saved["log"]
+        saved = phases.restore(phase, actor_critic, optimizer, rng)
+        results["steps"] = saved.get("log", results["steps"])
         for step in range(saved.get("step", 0), steps):
             index = torch.tensor(rng.sample(range(len(data[0])), min(2 * cfg.pairs_per_step, len(data[0]))))
             lr = cfg.ppo_lr * min(1.0, (step + 1) / cfg.warmup)
             loss, _ = pre.train_step(actor_critic, optimizer, [tuple(t[index] for t in data)],
                                      lambda m, b: ppo_batch_loss(m, b, cfg), lr, autocast=autocast)
             results["steps"].append({"round": r, "step": step + 1, "loss": loss})
-            phases.save(phase, step + 1, steps, actor_critic, optimizer, rng=rng.getstate(), log=results["steps"])
+            phases.save(phase, step + 1, steps, actor_critic, optimizer, rng, log=results["steps"])
         table, _ = evaluate(actor_critic.policy.eval(), reward_model, tokenizer, test, sft_greedy, cfg, cfg.seed + 99)
         results["rounds"].append({"round": r, "eval": table, "seconds": time.time() - t0})
         log(f"ppo round {r} held-out greedy accuracy: " + ", ".join(f"{f} {v['greedy']:.0%}" for f, v in table.items()))

@@ -159,14 +159,14 @@ MUTATIONS = {
         "countries = list(countries)", "tests/test_tools.py -k held_out"),
     "upsampling_ignored": (
         "05_anneal.py", "w * factors.get(pre.category_of(s), 1.0)", "w", "tests/test_anneal.py -k upsampling"),
-    "sft_phase_resumes_without_its_rng": (
-        "07_sft.py", '        rng.setstate(saved["rng"])\n        rows, history', "        rows, history",
+    "phase_resumes_without_its_rng": (
+        "03_pretrain.py", '        rng.setstate(state.pop("rng"))\n', '        state.pop("rng")\n',
         "tests/test_sft.py -k sigkill"),
     "reward_phase_saves_only_at_the_end": (
         "03_pretrain.py", "(step % self.every == 0 or step == last)", "(step == last)",
         "tests/test_reward_model.py -k sigkill"),
-    "ppo_phase_resumes_without_its_rng": (
-        "08_dpo.py", '            rng.setstate(saved["rng"])\n            results["steps"]', '            results["steps"]',
+    "ppo_phase_resumes_without_its_log": (
+        "08_dpo.py", 'results["steps"] = saved.get("log", results["steps"])', 'saved.get("log")',
         "tests/test_dpo.py -k interrupted"),
     "report_never_out_of_date": (
         "tutorials/report.py", "if p.is_file() and p.stat().st_mtime > metrics.stat().st_mtime]",

@@ -216,23 +216,28 @@ def test_phase_checkpoints_restore_name_a_damaged_file_and_refuse_another_config
     model(torch.randn(2, 4)).sum().backward()
     optimizer.step()
     saving = pre.PhaseCheckpoints(tmp_path, {"lr": 0.1}, every=2)
-    saving.save("round 1", 1, 5, model, optimizer, history=[1.0])  # not due: every 2 steps, or the last
+    rng = random.Random(3)
+    saving.save("round 1", 1, 5, model, optimizer, rng, history=[1.0])  # not due: every 2 steps, or the last
     assert not saving.path("round 1").exists()
-    saving.save("round 1", 2, 5, model, optimizer, history=[1.0, 2.0])
+    saving.save("round 1", 2, 5, model, optimizer, rng, history=[1.0, 2.0])
+    expected_draw = random.Random(3).random()
     fresh = torch.nn.Linear(4, 3)
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
-    state = pre.PhaseCheckpoints(tmp_path, {"lr": 0.1}, resume=True, log=print).restore("round 1", fresh, fresh_optimizer)
+    fresh_rng = random.Random(99)
+    state = pre.PhaseCheckpoints(tmp_path, {"lr": 0.1}, resume=True, log=print).restore("round 1", fresh,
+                                                                                       fresh_optimizer, fresh_rng)
     assert state == {"step": 2, "history": [1.0, 2.0]} and saving.path("round 1").name == "phase_round_1.pt"
+    assert fresh_rng.random() == expected_draw  # the data order continues where it was saved
     assert torch.equal(fresh.weight, model.weight)
     assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
-    assert pre.PhaseCheckpoints(tmp_path, {"lr": 0.1}).restore("round 1", fresh, fresh_optimizer) == {}  # no --resume
+    assert pre.PhaseCheckpoints(tmp_path, {"lr": 0.1}).restore("round 1", fresh, fresh_optimizer, rng) == {}  # no --resume
     with pytest.raises(tok.UserError, match="another configuration"):
-        pre.PhaseCheckpoints(tmp_path, {"lr": 0.2}, resume=True).restore("round 1", fresh, fresh_optimizer)
+        pre.PhaseCheckpoints(tmp_path, {"lr": 0.2}, resume=True).restore("round 1", fresh, fresh_optimizer, rng)
     path = saving.path("round 1")
     path.write_bytes(path.read_bytes()[:100])  # truncated, as by a full disk
     said = []
     assert pre.PhaseCheckpoints(tmp_path, {"lr": 0.1}, resume=True, log=said.append).restore("round 1", fresh,
-                                                                                               fresh_optimizer) == {}
+                                                                                               fresh_optimizer, rng) == {}
     assert str(path) in said[0] and "round 1 starts over" in said[0]
     saving.finish()
     assert not list(tmp_path.glob("phase_*.pt"))
