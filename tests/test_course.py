@@ -131,7 +131,7 @@ def fill(folder, bodies):
 
 def run_checks(folder):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rN",
                            "--rootdir", str(folder), str(folder)], capture_output=True, text=True, env=env, timeout=300)
     return done.returncode, done.stdout + done.stderr
 
