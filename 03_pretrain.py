@@ -75,7 +75,8 @@ Tokenizer, Transformer, ModelArgs = tok.Tokenizer, mdl.Transformer, mdl.ModelArg
 # 17% code, 8% multilingual. Each source belongs to one.
 PAPER_MIX = {"general": 0.50, "math": 0.25, "code": 0.17, "multilingual": 0.08}
 SOURCE_CATEGORY = {"shakespeare": "general", "bible": "general", "python_docs": "general", "tinystories": "general",
-                   "fineweb-edu": "general", "python_code": "code", "synthetic_math": "math"}
+                   "fineweb-edu": "general", "python_code": "code", "synthetic_math": "math",
+                   "ukrainian": "multilingual", "chichewa": "multilingual"}
 
 
 def category_of(source):
@@ -339,12 +340,90 @@ def quality_scores(classifier, token_lists, chunk=128):
                                                  or [ids]).mean() for ids in token_lists])
 
 
-def curate(docs, tokenizer, log=print, quality_threshold=0.5):
+# Llama 3 §3.1.1: a fastText classifier tells each document's language (176 of them), and each
+# language then goes through its own de-duplication and quality filters. Here: three languages, and
+# a character n-gram Naive Bayes trained on the three parallel Bibles, so what it learns to tell
+# apart is the language and not the topic (every verse says the same thing in each).
+LANGUAGE_OF_SOURCE = {"bible": "English", "ukrainian": "Ukrainian", "chichewa": "Chichewa"}
+
+
+class LanguageID:
+    """Naive Bayes over character 1-3-grams: log P(language) + Σ log P(n-gram | language)."""
+
+    def __init__(self, orders=(1, 2, 3), snippet=2000):
+        self.orders, self.snippet = orders, snippet
+
+    def grams(self, text):
+        text = " " + " ".join(text[:self.snippet].lower().split()) + " "
+        return Counter(text[i:i + n] for n in self.orders for i in range(len(text) - n + 1))
+
+    def fit(self, texts, labels):
+        counts = defaultdict(Counter)
+        for text, label in zip(texts, labels):
+            counts[label].update(self.grams(text))
+        self.languages = sorted(counts)
+        vocab = set().union(*counts.values())
+        self.log_prob = {}
+        for lang in self.languages:  # add-one smoothing; an n-gram never seen in any language is ignored
+            total = sum(counts[lang].values()) + len(vocab)
+            self.log_prob[lang] = defaultdict(lambda t=total: -math.log(t),
+                                              {g: math.log((n + 1) / total) for g, n in counts[lang].items()})
+        self.vocab = vocab
+        return self
+
+    def predict(self, texts):
+        out = []
+        for text in texts:
+            grams = [(g, n) for g, n in self.grams(text).items() if g in self.vocab]
+            out.append(max(self.languages, key=lambda lang: sum(n * self.log_prob[lang][g] for g, n in grams)))
+        return out
+
+
+def train_language_id(docs, chars_per_language=300_000):
+    """A LanguageID fitted on the training documents of the parallel Bibles (a sample of each), or
+    None when the data holds fewer than two of those languages (then curation has one pipeline)."""
+    by_language = defaultdict(list)
+    for d in docs:
+        if d.source in LANGUAGE_OF_SOURCE:
+            by_language[LANGUAGE_OF_SOURCE[d.source]].append(d.text)
+    if len(by_language) < 2:
+        return None
+    texts, labels = [], []
+    for lang, group in by_language.items():
+        sample = tok.sample_text([tok.Document(lang, str(i), t) for i, t in enumerate(group)], chars_per_language)
+        lines = [line for t in sample for line in t.splitlines() if line.strip()]
+        texts += lines
+        labels += [lang] * len(lines)
+    return LanguageID().fit(texts, labels)
+
+
+def language_id_accuracy(language_id, val_docs):
+    """Accuracy per language on single held-out verses (a line each): the hard case, short texts."""
+    accuracy = {}
+    for source, lang in LANGUAGE_OF_SOURCE.items():
+        verses = [line for d in val_docs if d.source == source for line in d.text.splitlines()[1:] if line.strip()]
+        if verses and lang in language_id.languages:
+            accuracy[lang] = float(np.mean([p == lang for p in language_id.predict(verses)]))
+    return accuracy
+
+
+def by_language(docs, language):
+    """Documents grouped by their language label, in order: one curation pipeline per language."""
+    groups = defaultdict(list)
+    for d in docs:
+        groups[language[d.name]].append(d)
+    return groups
+
+
+def curate(docs, tokenizer, log=print, quality_threshold=0.5, language_id=None):
     """Run every step over the training documents; return what survives and a report of what each
-    step removed (documents, lines, tokens), per source."""
+    step removed (documents, lines, tokens), per source. With `language_id`, each document is
+    labelled with its language and line de-duplication and the quality classifier run per language."""
     ids = {d.name: tokenizer.encode(d.text) for d in docs}
     sources = sorted({d.source for d in docs})
-    report = []
+    report, order = [], {d.name: i for i, d in enumerate(docs)}
+    language = dict(zip([d.name for d in docs], language_id.predict([d.text for d in docs]) if language_id
+                        else ["all"] * len(docs)))
 
     def tokens_per_source(ds):
         out = dict.fromkeys(sources, 0)
@@ -363,9 +442,14 @@ def curate(docs, tokenizer, log=print, quality_threshold=0.5):
     t0 = time.time()
     kept = [d for d in docs if heuristic_reject(d) is None]
     record("heuristic filters", docs, kept)
-    before, tokens_before, (kept, lines) = kept, tokens_per_source(kept), dedup_lines(kept)
-    for d, b in zip(kept, before):  # re-tokenize only the documents that lost lines
-        if d.text != b.text:
+    before, tokens_before, kept, lines = kept, tokens_per_source(kept), [], 0
+    for group in by_language(before, language).values():
+        group_kept, group_lines = dedup_lines(group)
+        kept, lines = kept + group_kept, lines + group_lines
+    kept.sort(key=lambda d: order[d.name])  # back in corpus order
+    old_text = {b.name: b.text for b in before}
+    for d in kept:  # re-tokenize only the documents that lost lines
+        if d.text != old_text[d.name]:
             ids[d.name] = tokenizer.encode(d.text)
     kept = [d for d in kept if d.text.strip()]
     record("line de-duplication", before, kept, lines=lines, tb=tokens_before)
@@ -381,17 +465,21 @@ def curate(docs, tokenizer, log=print, quality_threshold=0.5):
     kept = [d for d in kept if unsafe_reason(d) is None]
     record("unsafe content", before, kept)
     before = kept
-    if sum(len(ids[d.name]) // 128 for d in kept) >= 20:  # enough text to train the classifier on
-        classifier = train_quality_classifier([ids[d.name] for d in kept], tokenizer.n_words)
-        scores = quality_scores(classifier, [ids[d.name] for d in kept])
-        kept = [d for d, s in zip(kept, scores) if s >= quality_threshold]
-    else:
-        log("quality classifier skipped: too little text to train it")
+    kept = []
+    for lang, group in by_language(before, language).items():
+        if sum(len(ids[d.name]) // 128 for d in group) >= 20:  # enough text to train the classifier on
+            classifier = train_quality_classifier([ids[d.name] for d in group], tokenizer.n_words)
+            scores = quality_scores(classifier, [ids[d.name] for d in group])
+            kept += [d for d, s in zip(group, scores) if s >= quality_threshold]
+        else:
+            log(f"quality classifier skipped{'' if lang == 'all' else ' for ' + lang}: too little text to train it")
+            kept += group
+    kept.sort(key=lambda d: order[d.name])
     record("quality classifier", before, kept)
     if not kept:
         raise tok.UserError("curation removed every document: check the data, or pass --no-curation")
     log(f"curation: {len(docs):,} -> {len(kept):,} documents in {time.time() - t0:.1f} s")
-    return kept, report
+    return kept, report, language
 
 
 def curation_table(report):
@@ -592,10 +680,19 @@ def curated_documents(documents, n_math, curation, tokenizer, out, log=print):
     if not curation:
         return docs
     docs = list(docs)
-    kept, report = curate([d for d in docs if not tok.is_held_out(d.name)], tokenizer, log)
+    train = [d for d in docs if not tok.is_held_out(d.name)]
+    held_out = [d for d in docs if tok.is_held_out(d.name)]
+    language_id = train_language_id(train)
+    kept, report, language = curate(train, tokenizer, log, language_id=language_id)
     log(curation_table(report))
-    tok.atomic_write_text(out / "curation.json", json.dumps({"steps": report}, indent=2))
-    return iter(kept + [d for d in docs if tok.is_held_out(d.name)])
+    languages = {"documents": dict(Counter(language.values())), "per_document": language}
+    if language_id:
+        languages["held_out_verse_accuracy"] = language_id_accuracy(language_id, held_out)
+        log("language ID (§3.1.1): " + ", ".join(f"{lang} {n:,} documents" for lang, n in languages["documents"].items())
+            + "; accuracy on single held-out verses: "
+            + ", ".join(f"{lang} {a:.1%}" for lang, a in languages["held_out_verse_accuracy"].items()))
+    tok.atomic_write_text(out / "curation.json", json.dumps({"steps": report, "languages": languages}, indent=2))
+    return iter(kept + held_out)
 
 
 def prepare_data(flags, tokenizer, tokenizer_path, out, rank=0, world=1, log=print, wait=None):

@@ -135,7 +135,7 @@ def test_curate_reports_each_step_and_removes_what_it_should(tokenizer, corpus):
     junk = [Doc("bible", "junk/digits", " ".join(str(i * 7919) for i in range(300))),
             Doc("bible", "junk/copy", real[0].text.replace("the", "thee", 3)),
             Doc("bible", "junk/adult", PROSE + " porn nsfw hentai porn " * 20)]
-    kept, report = pre.curate(real + junk, tokenizer, log=lambda *a: None)
+    kept, report, _ = pre.curate(real + junk, tokenizer, log=lambda *a: None)
     names = {d.name for d in kept}
     assert not names & {"junk/digits", "junk/copy", "junk/adult"}
     assert [r["step"] for r in report] == ["heuristic filters", "line de-duplication", "MinHash near-duplicates",
@@ -166,7 +166,47 @@ def test_main_curates_mixes_and_writes_the_report(tmp_path, corpus):
     report = json.loads((out / "curation.json").read_text())
     assert report["steps"][0]["per_source"]["shakespeare"]["docs_in"] > report["steps"][0]["per_source"]["shakespeare"]["docs_out"]
     assert set(report["mix"]) == {"shakespeare", "python_docs", "synthetic_math"}
+    assert list(report["languages"]["documents"]) == ["all"]  # no parallel Bibles to learn languages from: one pipeline
     assert report["mix"]["synthetic_math"] == pytest.approx(25 / 75)  # math 25 of (general 50 + math 25)
     with pytest.raises(tok.UserError, match="expected paper, natural"):
         pre.main(["--data", str(data), "--tokenizer", str(tmp_path / "tokenizer.model"), "--out", str(tmp_path / "r2"),
                   "--mix", "shakespeare:2"])
+
+
+# --- language identification (§3.1.1) --------------------------------------------------------------
+
+def test_language_id_is_naive_bayes_over_character_ngrams_worked_by_hand():
+    lid = pre.LanguageID(orders=(1,)).fit(["aab", "bbc"], ["X", "Y"])
+    # unigrams of " aab " are {" ": 2, "a": 2, "b": 1}, of " bbc " {" ": 2, "b": 2, "c": 1}; vocabulary {" ", a, b, c}
+    assert lid.log_prob["X"]["a"] == pytest.approx(np.log((2 + 1) / (5 + 4)))
+    assert lid.log_prob["X"]["c"] == pytest.approx(np.log(1 / 9))  # never seen in X: add-one smoothing
+    # " a ": {" ": 2, "a": 1}; X scores 2·log(3/9) + log(3/9), Y 2·log(3/9) + log(1/9): X
+    assert lid.predict(["a", "c", "zzz a"]) == ["X", "Y", "X"]  # an n-gram no language has ("z") is ignored
+
+
+def test_language_id_tells_the_three_languages_apart_on_single_held_out_verses(corpus):
+    train_docs, val_docs = corpus
+    lid = pre.train_language_id(train_docs)
+    assert lid.languages == ["Chichewa", "English", "Ukrainian"]
+    accuracy = pre.language_id_accuracy(lid, val_docs)
+    assert set(accuracy) == {"English", "Ukrainian", "Chichewa"} and min(accuracy.values()) > 0.97, accuracy
+    assert lid.predict(["def main():\n    return 0", "Ndipo Mulungu anati", "І сказав Бог"]) == ["English", "Chichewa", "Ukrainian"]
+    assert pre.train_language_id([d for d in train_docs if d.source != "ukrainian" and d.source != "chichewa"]) is None
+
+
+def test_each_language_gets_its_own_line_deduplication(tokenizer, corpus):
+    """A boilerplate line 4 times in English and 4 times in Ukrainian documents: 8 copies in one
+    pipeline (more than 6: removed), 4 in each language's own (kept)."""
+    train_docs, _ = corpus
+    boiler = "This line is repeated boilerplate of a website footer"
+    english = [Doc("bible", f"en/{i}", d.text[:3000] + "\n" + boiler) for i, d in
+               enumerate([d for d in train_docs if d.source == "bible"][:4])]
+    ukrainian = [Doc("ukrainian", f"uk/{i}", d.text[:3000] + "\n" + boiler) for i, d in
+                 enumerate([d for d in train_docs if d.source == "ukrainian"][:4])]
+    lid = pre.train_language_id(train_docs)
+    quiet = dict(log=lambda *a: None, quality_threshold=0.0)
+    _, one, _ = pre.curate(english + ukrainian, tokenizer, **quiet)
+    kept, per_language, language = pre.curate(english + ukrainian, tokenizer, language_id=lid, **quiet)
+    assert one[1]["lines_removed"] == 8 and per_language[1]["lines_removed"] == 0
+    assert all(boiler in d.text for d in kept)
+    assert {language[d.name] for d in english} == {"English"} and {language[d.name] for d in ukrainian} == {"Ukrainian"}

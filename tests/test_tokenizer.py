@@ -246,10 +246,10 @@ def test_decode_rejects_ids_outside_the_vocabulary(small_tokenizer):
 
 # --- corpus ---------------------------------------------------------------------------------------
 
-def test_default_corpus_has_four_named_sources(tokmod, corpus):
+def test_default_corpus_has_six_named_sources(tokmod, corpus):
     train_docs, val_docs = corpus
     docs = train_docs + val_docs
-    assert {d.source for d in docs} == {"shakespeare", "bible", "python_docs", "python_code"}
+    assert {d.source for d in docs} == {"shakespeare", "bible", "python_docs", "python_code", "ukrainian", "chichewa"}
     assert len({d.name for d in docs}) == len(docs)
     assert {d.source for d in val_docs} == {d.source for d in train_docs}  # held-out docs per source
     assert not {d.name for d in train_docs} & {d.name for d in val_docs}
@@ -349,3 +349,81 @@ def test_main_trains_saves_and_reports(tokmod, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["vocab_size"] == 600 and metrics["compression"]["data"]["chars_per_token"] > 1
     assert "[" in capsys.readouterr().out
+
+
+# --- the multilingual sources and the 100K + 28K recipe (Llama 3 §3.2) ----------------------------
+
+def test_the_three_bibles_are_aligned_book_by_book_and_held_out_together(tokmod, corpus):
+    docs = corpus[0] + corpus[1]
+    books = {s: {d.name.split("/", 1)[1]: d.text for d in docs if d.source == s} for s in ("bible", "ukrainian", "chichewa")}
+    assert len(books["bible"]) == len(books["ukrainian"]) == len(books["chichewa"]) == 66
+    assert books["ukrainian"]["Genesis"].startswith("Буття\n1:1 На початку Бог створив Небо та землю.")
+    assert books["chichewa"]["Genesis"].startswith("Genesis\n1:1 Pachiyambi Mulungu adalenga kumwamba ndi dziko lapansi.")
+    assert books["chichewa"]["Ruth"].startswith("Rute\n") and books["ukrainian"]["Revelation"].startswith("Об'явлення")
+    # aligned by book, chapter and verse: nearly every "chapter:verse" key of the KJV is in each translation
+    keys = {s: {(b, line.split(" ", 1)[0]) for b, text in books[s].items() for line in text.splitlines()[1:]}
+            for s in books}
+    for s in ("ukrainian", "chichewa"):
+        assert len(keys["bible"] & keys[s]) / len(keys["bible"]) > 0.99, s
+    held = {s: {d.name.split("/", 1)[1] for d in corpus[1] if d.source == s} for s in books}
+    assert held["bible"] and held["bible"] == held["ukrainian"] == held["chichewa"]  # no translation of a held-out book trains
+    assert tokmod.is_held_out("ukrainian/Ruth") == tokmod.is_held_out("bible/Ruth")
+
+
+def test_missing_multilingual_packages_leave_an_english_corpus_with_one_note(tokmod, monkeypatch, capsys):
+    monkeypatch.setattr(tokmod, "MULTILINGUAL_SOURCES", {"ukrainian": "no_such_package_x", "chichewa": "no_such_package_y"})
+    monkeypatch.setattr(tokmod, "_said", {})
+    assert tokmod.available_sources(list(tokmod.DEFAULT_SOURCES)) == ["shakespeare", "bible", "python_docs", "python_code"]
+    tokmod.available_sources(list(tokmod.DEFAULT_SOURCES))
+    out = capsys.readouterr().out
+    assert out.count("note: the multilingual sources") == 1 and "pip install -r requirements.txt" in out
+
+
+def test_extending_keeps_every_rank_and_continues_bpe_on_the_new_text(tokmod):
+    english = ["the cat sat on the mat, the cat ran " * 20, "a hat and a bat " * 20]
+    other = ["ndipo mulungu anati kuyere ndipo kunayera " * 30]
+    base = tokmod.Tokenizer.train(english, vocab_size=256 + 256 + 12)
+    extended = tokmod.Tokenizer.train(other, vocab_size=256 + 256 + 24, extend=base)
+    assert extended.n_bpe == 280 and all(extended.mergeable_ranks[t] == r for t, r in base.mergeable_ranks.items())
+    # the appended ranks are exactly what BPE learns on the new text once it is cut into the base's tokens
+    new = sorted((r, t) for t, r in extended.mergeable_ranks.items() if r >= base.n_bpe)
+    words, freqs = tokmod.unique_chunks(other, base._bpe)
+    counts = Counter()
+    for w, f in zip(words, freqs):
+        for pair in zip(w, w[1:]):
+            counts[pair] += f
+    top = max(counts.values())
+    first = min(p for p, c in counts.items() if c == top)  # ties go to the smallest ids
+    assert new[0][1] == base.id_to_bytes[first[0]] + base.id_to_bytes[first[1]]
+    text = other[0][:60]
+    assert len(extended.encode(text)) < len(base.encode(text)) and extended.decode(extended.encode(text)) == text
+    assert extended.encode(text) == extended.encode_python(text)
+    assert base.encode(english[0]) == extended.encode(english[0])  # nothing appended fires on this English
+    with pytest.raises(tokmod.UserError, match="cannot shrink"):
+        tokmod.Tokenizer.train(other, vocab_size=256 + 256 + 5, extend=base)
+
+
+def test_default_recipe_is_english_first_then_the_other_languages(tokmod, corpus):
+    small = [d for d in corpus[0] if d.source in ("bible", "ukrainian", "chichewa")]
+    tokenizer, base = tokmod.train_english_then_extend(small, vocab_size=1024, max_chars=300_000)
+    n_extra = round((1024 - 256) * 28 / 128)
+    assert base.n_words == 1024 - n_extra and tokenizer.n_words == 1024
+    assert all(tokenizer.mergeable_ranks[t] == r for t, r in base.mergeable_ranks.items())
+    appended = [t for t, r in tokenizer.mergeable_ranks.items() if r >= base.n_bpe]
+    assert sum(t.decode("utf-8", "replace").strip().isascii() for t in appended) < len(appended)  # Cyrillic among them
+    held = {s: [d.text for d in corpus[1] if d.source == s] for s in ("ukrainian", "chichewa")}
+    for texts in held.values():  # the other languages compress better with their own ranks
+        assert tokmod.compression(tokenizer, texts)["chars_per_token"] > 1.2 * tokmod.compression(base, texts)["chars_per_token"]
+    english_only, none = tokmod.train_english_then_extend([d for d in small if d.source == "bible"], 1024, 300_000)
+    assert none is None and english_only.n_words == 1024
+
+
+def test_changed_share_counts_tokens_in_chunks_cut_differently(tokmod):
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks[b"ab"] = 256
+    base = tokmod.Tokenizer(ranks)
+    assert tokmod.changed_share(base, tokmod.Tokenizer(dict(ranks)), ["ab cd"]) == 0.0
+    after = tokmod.Tokenizer({**ranks, b" c": 257})  # one appended merge that fires on the chunk " cd"
+    # base cuts "ab cd" into [ab][ ][c][d]; after into [ab][ c][d]: 3 of base's 4 tokens lie in a changed chunk
+    assert tokmod.changed_share(base, after, ["ab cd"]) == pytest.approx(3 / 4)
+    assert tokmod.changed_share(base, after, ["ab cd ab ab"]) == pytest.approx(3 / 8)  # " ab" is [ ][ab]

@@ -138,7 +138,8 @@ def tokenizer_section(m, runs):
     rows = [[s, f"{v['chars_per_token']:.2f}", f"{v['llama3_chars_per_token']:.2f}" if has_llama3 else "—"]
             for s, v in m["compression"].items()]
     note = [] if has_llama3 else ["", "(Meta's tokenizer file is installed by `bash install.sh --dev`.)"]
-    return [f"{m['vocab_size']:,} ids trained on {m['train_chars']:,} characters in {m['train_seconds']:.0f} s. "
+    return [f"{m['vocab_size']:,} ids ({m['english_ranks']:,} of the BPE ranks learned on English first, any others on the "
+            f"other languages, §3.2) trained in {m['train_seconds']:.0f} s. "
             "Characters per token on held-out documents (§3.2: Llama 3's 128K vocabulary):", "",
             *table(["held-out source", "ours", "Llama 3 (128K)"], rows), *note]
 
