@@ -956,14 +956,15 @@ def multilingual_comparison(train_docs, val_docs, vocab_size, max_chars, log=pri
                 f"extended ({base.n_words:,} + {extended.n_words - base.n_words:,})": extended,
                 f"joint from scratch ({vocab_size:,})": Tokenizer.train(sample_text(train_docs, max_chars), vocab_size)}
     held = {"English": [d.text for d in val_docs if d.source not in MULTILINGUAL_SOURCES],
-            **{s: [d.text for d in val_docs if d.source == s] for s in MULTILINGUAL_SOURCES}}
+            **{s.title(): [d.text for d in val_docs if d.source == s] for s in MULTILINGUAL_SOURCES}}
     table = {name: {lang: compression(t, texts)["chars_per_token"] for lang, texts in held.items()}
              for name, t in variants.items()}
     for name, t in variants.items():
         table[name]["English tokens cut differently"] = changed_share(base, t, held["English"])
-    log(f"\n{'tokenizer':<28}" + "".join(f"{c:>24}" for c in next(iter(table.values()))))
+    log(f"\ncharacters per token on held-out text, and the share of English tokens cut differently than by "
+        f"the English-only base\n{'tokenizer':<28}" + "".join(f"{c if len(c) < 11 else 're-cut':>11}" for c in next(iter(table.values()))))
     for name, row in table.items():
-        log(f"{name:<28}" + "".join(f"{v:>24.2f}" if k != "English tokens cut differently" else f"{v:>24.2%}"
+        log(f"{name:<28}" + "".join(f"{v:>11.2f}" if k != "English tokens cut differently" else f"{v:>11.2%}"
                                     for k, v in row.items()))
     return table
 

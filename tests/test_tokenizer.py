@@ -427,3 +427,17 @@ def test_changed_share_counts_tokens_in_chunks_cut_differently(tokmod):
     # base cuts "ab cd" into [ab][ ][c][d]; after into [ab][ c][d]: 3 of base's 4 tokens lie in a changed chunk
     assert tokmod.changed_share(base, after, ["ab cd"]) == pytest.approx(3 / 4)
     assert tokmod.changed_share(base, after, ["ab cd ab ab"]) == pytest.approx(3 / 8)  # " ab" is [ ][ab]
+
+
+def test_compare_multilingual_measures_the_four_tokenizers(tokmod, tmp_path, capsys):
+    tokmod.main(["--compare-multilingual", "--vocab-size", "1024", "--max-chars", "200000", "--out", str(tmp_path)])
+    table = json.loads((tmp_path / "multilingual.json").read_text())
+    base, wide, extended, joint = table.values()
+    assert list(table) == ["English only (856 ids)", "English only (1,024 ids)", "extended (856 + 168)",
+                           "joint from scratch (1,024)"]
+    assert extended["English"] == pytest.approx(base["English"], rel=0.02) and extended["English tokens cut differently"] < 0.05
+    assert wide["English"] > base["English"] and wide["Ukrainian"] < 1.1 * base["Ukrainian"]
+    for lang in ("Ukrainian", "Chichewa"):
+        assert extended[lang] > base[lang] and joint[lang] > base[lang]
+    assert joint["English tokens cut differently"] > 5 * extended["English tokens cut differently"]
+    assert "re-cut" in capsys.readouterr().out and not (tmp_path / "tokenizer.model").exists()
