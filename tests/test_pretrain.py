@@ -140,6 +140,13 @@ def test_mix_weights_give_the_requested_proportions(tmp_path):
         pre.sample_batch(shards, weights, 4, 2000, np.random.default_rng(0))
 
 
+def test_the_paper_mix_gives_the_two_translations_its_multilingual_8_percent(tmp_path):
+    shards = hand_made_shards(tmp_path, {"bible": 4000, "python_code": 2000, "synthetic_math": 1000,
+                                         "ukrainian": 1000, "chichewa": 3000})
+    assert pre.mix_weights(shards, "paper") == pytest.approx(
+        {"bible": 0.50, "python_code": 0.17, "synthetic_math": 0.25, "ukrainian": 0.02, "chichewa": 0.06})
+
+
 def test_data_fingerprint_changes_when_a_file_changes(tmp_path):
     data = tmp_path / "data"
     (data / "poems").mkdir(parents=True)
