@@ -70,6 +70,38 @@ class RewardConfig:
 WORDS = ("red blue green dog sun moon tree river stone king queen bread fire water house horse bird star gold "
          "door book hand eye wind rain salt milk fish lamb bear sword crown field city sea land cup ring").split()
 
+# The same families in Ukrainian, for multilingual SFT (Llama 3 §4.3.2: a third of the multilingual SFT
+# data was reasoning data translated from English). Each template keeps the English one's structure,
+# so one verifier checks both: numbers, and the word list after ": ".
+UKRAINIAN = {
+    "words": ("червоний синій зелений пес сонце місяць дерево річка камінь король королева хліб вогонь вода дім "
+              "кінь птах зоря золото двері книга рука око вітер дощ сіль молоко риба ягня ведмідь меч корона поле "
+              "місто море земля чаша перстень").split(),
+    "sort": "Впорядкуй цифри {} від найменшої до найбільшої.",
+    "reverse": "Переверни слова: {}",
+    "larger": "Яке число більше, {} чи {}?",
+    "even": "Чи є {} парним числом? Відповідай так або ні.",
+    "count": "Скільки слів у цьому списку: {}?",
+    "add": "Скільки буде {} + {}?",
+    "times": "Скільки буде {} помножити на {}?",
+    "yes": "так", "no": "ні",
+}
+ENGLISH = {"words": WORDS, "sort": "Sort the digits {} from smallest to largest.", "reverse": "Reverse the words: {}",
+           "larger": "Which number is larger, {} or {}?", "even": "Is {} an even number? Answer yes or no.",
+           "count": "How many words are in this list: {}?", "add": "What is {} + {}?", "times": "What is {} times {}?",
+           "yes": "yes", "no": "no"}
+LANGUAGES = {"English": ENGLISH, "Ukrainian": UKRAINIAN}
+
+
+def language_of(prompt):
+    """A prompt's language: Ukrainian if it has a Cyrillic letter, else English."""
+    return "Ukrainian" if re.search(r"[\u0400-\u04ff]", prompt) else "English"
+
+
+def yes_no(prompt, answer):
+    """`answer` (True for yes) in the prompt's language."""
+    return LANGUAGES[language_of(prompt)]["yes" if answer else "no"]
+
 
 @dataclass(frozen=True)
 class Task:
@@ -100,40 +132,39 @@ def numbers_in(prompt):
     return [int(n) for n in re.findall(r"\d+", prompt)]
 
 
-def _sort(rng):
+def _sort(rng, lang=ENGLISH):
     digits = rng.sample(range(10), 4)
-    prompt = f"Sort the digits {' '.join(map(str, digits))} from smallest to largest."
-    return prompt, " ".join(map(str, sorted(digits)))
+    return lang["sort"].format(" ".join(map(str, digits))), " ".join(map(str, sorted(digits)))
 
 
-def _reverse(rng):
-    words = rng.sample(WORDS, 3)
-    return f"Reverse the words: {' '.join(words)}", " ".join(reversed(words))
+def _reverse(rng, lang=ENGLISH):
+    words = rng.sample(lang["words"], 3)
+    return lang["reverse"].format(" ".join(words)), " ".join(reversed(words))
 
 
-def _larger(rng):
+def _larger(rng, lang=ENGLISH):
     a, b = rng.sample(range(10, 100), 2)
-    return f"Which number is larger, {a} or {b}?", str(max(a, b))
+    return lang["larger"].format(a, b), str(max(a, b))
 
 
-def _even(rng):
+def _even(rng, lang=ENGLISH):
     n = rng.randrange(10, 100)
-    return f"Is {n} an even number? Answer yes or no.", "yes" if n % 2 == 0 else "no"
+    return lang["even"].format(n), lang["yes" if n % 2 == 0 else "no"]
 
 
-def _count(rng):
-    words = rng.sample(WORDS, rng.randint(2, 6))
-    return f"How many words are in this list: {' '.join(words)}?", str(len(words))
+def _count(rng, lang=ENGLISH):
+    words = rng.sample(lang["words"], rng.randint(2, 6))
+    return lang["count"].format(" ".join(words)), str(len(words))
 
 
-def _add(rng):
+def _add(rng, lang=ENGLISH):
     a, b = rng.randrange(10, 100), rng.randrange(10, 100)
-    return f"What is {a} + {b}?", str(a + b)
+    return lang["add"].format(a, b), str(a + b)
 
 
-def _times(rng):
+def _times(rng, lang=ENGLISH):
     a, b = rng.randrange(2, 10), rng.randrange(2, 10)
-    return f"What is {a} times {b}?", str(a * b)
+    return lang["times"].format(a, b), str(a * b)
 
 
 def _shuffled(items, rng):
@@ -162,8 +193,8 @@ TASKS = {t.name: t for t in [
     Task("reverse_words", _reverse, lambda p: " ".join(reversed(p.split(": ")[1].split())), _reverse_mistake,
          hard=False),
     Task("larger", _larger, lambda p: str(max(numbers_in(p))), lambda p, rng: str(min(numbers_in(p))), hard=False),
-    Task("is_even", _even, lambda p: "yes" if numbers_in(p)[0] % 2 == 0 else "no",  # yes/no: chance is 50%
-         lambda p, rng: "no" if numbers_in(p)[0] % 2 == 0 else "yes", hard=False),
+    Task("is_even", _even, lambda p: yes_no(p, numbers_in(p)[0] % 2 == 0),  # yes/no: chance is 50%
+         lambda p, rng: yes_no(p, numbers_in(p)[0] % 2 == 1), hard=False),
     Task("count_words", _count, lambda p: str(len(p.split(": ")[1].rstrip("?").split())),
          lambda p, rng: _off_by(len(p.split(": ")[1].rstrip("?").split()), rng, (-1, 1)), hard=False),
     Task("add", _add, lambda p: str(sum(numbers_in(p))), lambda p, rng: _off_by(sum(numbers_in(p)), rng), hard=True),
@@ -178,14 +209,15 @@ def is_held_out_prompt(prompt, share=0.2):
     return int(hashlib.sha1(prompt.encode()).hexdigest()[:8], 16) < share * 16**8
 
 
-def task_prompts(split, per_family, seed, families=None):
+def task_prompts(split, per_family, seed, families=None, language="English"):
     """`per_family` distinct prompts of each family from one split ("train" or "test"), as dicts
-    {"family", "prompt", "answer"}. A family with fewer distinct prompts in the split gives them all."""
+    {"family", "prompt", "answer"}, in English or Ukrainian. A family with fewer distinct prompts in
+    the split gives them all."""
     rng, out = random.Random(seed), []
     for task in (TASKS[f] for f in (families or TASKS)):
         seen = {}
         for _ in range(per_family * 50):
-            prompt, answer = task.make(rng)
+            prompt, answer = task.make(rng, LANGUAGES[language])
             if is_held_out_prompt(prompt) == (split == "test") and prompt not in seen:
                 seen[prompt] = answer
                 if len(seen) == per_family:

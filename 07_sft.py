@@ -18,11 +18,14 @@ with different data orders or hyperparameters. Here, at laptop scale, on 06's ch
     held-out accuracy per family after each round, and best-of-K (greedy, a random sample, the
     reward model's pick, the verifier's pick) for the last model;
   * --average N: the last round trained with N data orders and averaged (§4.1.5);
+  * --multilingual: the same tasks asked in Ukrainian, after English-only SFT and after SFT with
+    translated prompts added (§4.3.2);
   * --chat: talk to the fine-tuned model (streamed; /reset clears the history; Ctrl-D leaves).
 
 Run it:
     python 07_sft.py                                  # from runs/05_anneal and runs/06_reward_model: ~10 minutes
     python 07_sft.py --seeds 3                        # three seeds: the spread of every number
+    python 07_sft.py --multilingual --out runs/07_multilingual   # §4.3.2: transfer to Ukrainian prompts
     python 07_sft.py --chat                           # talk to runs/07_sft/model.pt
     python 07_sft.py --init path/to/Llama-3.2-1B --data dialogs.jsonl --out runs/my_sft   # your model and data
 """
@@ -67,6 +70,8 @@ class SFTConfig:
     long_context: int = 4  # long-context dialogs in the data (§4.3.4: 0.1% of the mix was best)
     average: int = 1  # train the last round this many times (data orders) and average them (§4.1.5)
     seeds: int = 1  # repeat everything with this many seeds to show the spread (3 for the README)
+    multilingual: bool = False  # §4.3.2: also measure transfer to Ukrainian prompts (two more fine-tunes)
+    translated_share: float = 0.5  # with --multilingual: translated (Ukrainian) seed prompts per English one
     dtype: str = "auto"  # auto: bf16 on CUDA, else fp32
     ckpt_every: int = 50  # steps between the checkpoints of a training phase (--resume continues from the last)
     seed: int = 7  # data order, samples
@@ -318,6 +323,39 @@ def best_of_k(model, reward_model, tokenizer, items, judges, cfg, seed):
     return {f: {k: (float(np.mean(v)) if isinstance(v, list) else v) for k, v in row.items()} for f, row in table.items()}
 
 
+def cross_lingual(base_path, tokenizer, cfg, device, phases=None):
+    """§4.3.2 at our scale: does SFT on English prompts carry over to the same tasks asked in
+    Ukrainian, and what do translated prompts add? Two fine-tunes of the base model for the same
+    steps: on English seed dialogs alone, and on those plus Ukrainian ones (the paper's "translated
+    reasoning data", 34.6% of its multilingual SFT mix). Held-out accuracy per family in both languages."""
+    english = rwd.task_prompts("train", cfg.seed_prompts, cfg.seed)
+    translated = rwd.task_prompts("train", round(cfg.seed_prompts * cfg.translated_share), cfg.seed + 1,
+                                  language="Ukrainian")
+    tests = {lang: rwd.task_prompts("test", cfg.test_prompts, cfg.seed + 2, language=lang) for lang in rwd.LANGUAGES}
+    base, _ = mdl.load_checkpoint(base_path, mmap=False)
+    results = {"base": {lang: accuracy(base.to(device).eval(), tokenizer, items, cfg) for lang, items in tests.items()}}
+    del base
+    for name, items in [("English SFT", english), ("English + translated SFT", english + translated)]:
+        print(f"multilingual: fine-tuning the base model on {len(items):,} dialogs ({name})")
+        data = [dialog(it["prompt"], seed_answer(it)) for it in items]
+        model, _ = finetune(base_path, data, tokenizer, cfg, device, cfg.seed, phases=phases, phase=f"multilingual {name}")
+        results[name] = {lang: accuracy(model, tokenizer, items, cfg) for lang, items in tests.items()}
+    results["items"] = {"English train": len(english), "Ukrainian train": len(translated),
+                        **{f"{lang} test": len(items) for lang, items in tests.items()}}
+    return results
+
+
+def print_cross_lingual(results):
+    runs = [r for r in results if r != "items"]
+    print(f"\ncross-lingual transfer (§4.3.2): held-out greedy accuracy, English / Ukrainian prompts "
+          f"({results['items']['English test']} / {results['items']['Ukrainian test']} in all)")
+    print(f"{'family':<15}" + "".join(f"{r:>28}" for r in runs))
+    for f in results["base"]["English"]:
+        print(f"{f:<15}" + "".join(f"{results[r]['English'][f]:>21.0%} / {results[r]['Ukrainian'][f]:>4.0%}" for r in runs))
+    print(f"{'mean':<15}" + "".join(f"{np.mean(list(results[r]['English'].values())):>21.1%} / "
+                                   f"{np.mean(list(results[r]['Ukrainian'].values())):>4.1%}" for r in runs))
+
+
 def averaged(models):
     """§4.1.5: the element-wise mean of several fine-tuned models' weights."""
     model = models[0]
@@ -356,6 +394,9 @@ def main(argv=None):
     model, results, history = runs[0]
     results["seeds"] = [r[1]["rounds"] for r in runs]
     print_rounds(results, cfg)
+    if cfg.multilingual:
+        results["multilingual"] = cross_lingual(base_path, tokenizer, cfg, device, phases)
+        print_cross_lingual(results["multilingual"])
     save(out, model, tokenizer, cfg, results, history)
     plot_rounds(results, out / "rounds.png")
     phases.finish()

@@ -241,3 +241,27 @@ def test_phase_checkpoints_restore_name_a_damaged_file_and_refuse_another_config
     assert str(path) in said[0] and "round 1 starts over" in said[0]
     saving.finish()
     assert not list(tmp_path.glob("phase_*.pt"))
+
+
+def test_every_family_also_speaks_ukrainian_and_one_verifier_checks_both():
+    """§4.3.2's translated prompts: each family's Ukrainian template keeps the English structure, so
+    the same verifier recomputes the answer; English prompts are exactly what they were."""
+    english = rm.task_prompts("test", 5, 3)
+    ukrainian = rm.task_prompts("test", 5, 3, language="Ukrainian")
+    # the English prompts and answers of a seeded draw, as they were before the Ukrainian templates came
+    assert rm._add(random.Random(0)) == ("What is 59 + 63?", "122")
+    assert rm._even(random.Random(0)) == ("Is 59 an even number? Answer yes or no.", "no")
+    assert rm._reverse(random.Random(0)) == ("Reverse the words: rain milk green", "green milk rain")
+    assert {it["family"] for it in ukrainian} == set(rm.TASKS)
+    for item in ukrainian:
+        task = rm.TASKS[item["family"]]
+        assert rm.language_of(item["prompt"]) == "Ukrainian" and task.check(item["prompt"], item["answer"])
+        assert task.check(item["prompt"], f"The answer is {item['answer']}.")
+        assert not task.check(item["prompt"], task.mistake(item["prompt"], random.Random(1)))
+    assert all(rm.language_of(it["prompt"]) == "English" for it in english)
+    assert rm.TASKS["is_even"].answer_of("Чи є 42 парним числом? Відповідай так або ні.") == "так"
+    assert rm.TASKS["is_even"].answer_of("Is 41 an even number? Answer yes or no.") == "no"
+    assert rm.TASKS["reverse_words"].answer_of("Переверни слова: пес кінь птах") == "птах кінь пес"
+    assert rm.TASKS["count_words"].answer_of("Скільки слів у цьому списку: пес кінь?") == "2"
+    assert rm.TASKS["times"].answer_of("Скільки буде 7 помножити на 8?") == "56"
+    assert rm._sort(random.Random(5)) == rm._sort(random.Random(5), rm.ENGLISH)  # English is the default

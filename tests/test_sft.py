@@ -146,9 +146,14 @@ def test_end_to_end_two_rounds_from_tiny_models(long_context, reward_run, tmp_pa
     sft.main(["--init", str(long_context), "--reward-model", str(reward_run), "--out", str(out), "--steps", "8",
               "--seed-prompts", "8", "--pool-prompts", "4", "--test-prompts", "2", "--samples", "2",
               "--max-new-tokens", "16", "--seq-len", "127", "--dialogs-per-step", "8", "--long-context", "1",
-              "--device", "cpu"])
+              "--device", "cpu", "--multilingual"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    transfer = metrics["multilingual"]  # §4.3.2: the same tasks asked in Ukrainian, two more fine-tunes
+    assert transfer["items"] == {"English train": 8 * 7, "Ukrainian train": 4 * 7, "English test": 2 * 7,
+                                 "Ukrainian test": 2 * 7}
+    for run in ("base", "English SFT", "English + translated SFT"):
+        assert set(transfer[run]) == {"English", "Ukrainian"} and set(transfer[run]["Ukrainian"]) == set(rwd.TASKS)
     stats = metrics["rounds"][1]["rejection_sampling"]
     assert set(stats) == set(rwd.TASKS) and all(s["kept"] <= s["prompts"] for s in stats.values())
     assert metrics["rounds"][2]["dialogs"] == metrics["rounds"][1]["dialogs"] + sum(s["kept"] for s in stats.values())
