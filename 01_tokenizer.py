@@ -581,13 +581,10 @@ def train_bpe(texts, n_bpe, on_merge=None, base=None):
     Ties in count go to the pair with the smallest token ids, so training is deterministic.
     Returns `ranks`: {token bytes: rank}, ranks 0..n-1, in the tiktoken `mergeable_ranks` format.
     `on_merge(rank, left_bytes, right_bytes, count)` is called after each merge (for notebooks).
-
-    With `base` (an existing tokenizer's ranks) training continues from it, as Llama 3 §3.2 did
-    (tiktoken's 100K tokens plus 28K for non-English languages): the texts are first cut into
-    `base`'s tokens, and the new merges are appended after its ranks, so every existing id keeps its
-    meaning.
+    With `base` (a tokenizer's ranks), training continues from it as Llama 3 §3.2 did (tiktoken's 100K
+    plus 28K for other languages): texts are cut into base's tokens, new merges appended after its ranks.
     """
-    if n_bpe < 256 or (base and n_bpe < len(base)):
+    if n_bpe < max(256, len(base or ())):
         raise UserError(f"n_bpe={n_bpe}: a byte-level BPE needs at least the 256 single bytes"
                         + (f", and extending one of {len(base)} ranks cannot shrink it" if base else ""))
     words, freqs = unique_chunks(texts, Tokenizer(base)._bpe if base else None)

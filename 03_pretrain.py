@@ -415,13 +415,34 @@ def by_language(docs, language):
     return groups
 
 
+def each_language(docs, language, step):
+    """`step(language, its documents) -> (kept, lines removed)` run on each language's documents
+    separately; returns everything kept, back in the documents' order, and the lines removed."""
+    kept, lines = [], 0
+    for lang, group in by_language(docs, language).items():
+        group_kept, group_lines = step(lang, group)
+        kept, lines = kept + group_kept, lines + group_lines
+    order = {d.name: i for i, d in enumerate(docs)}
+    return sorted(kept, key=lambda d: order[d.name]), lines
+
+
+def quality_filter(docs, ids, vocab_size, threshold, log, lang="all"):
+    """The quality classifier trained on `docs` (one language's) and applied to them: (kept, 0)."""
+    if sum(len(ids[d.name]) // 128 for d in docs) < 20:  # too little text to train the classifier on
+        log(f"quality classifier skipped{'' if lang == 'all' else ' for ' + lang}: too little text to train it")
+        return docs, 0
+    classifier = train_quality_classifier([ids[d.name] for d in docs], vocab_size)
+    scores = quality_scores(classifier, [ids[d.name] for d in docs])
+    return [d for d, s in zip(docs, scores) if s >= threshold], 0
+
+
 def curate(docs, tokenizer, log=print, quality_threshold=0.5, language_id=None):
     """Run every step over the training documents; return what survives and a report of what each
     step removed (documents, lines, tokens), per source. With `language_id`, each document is
     labelled with its language and line de-duplication and the quality classifier run per language."""
     ids = {d.name: tokenizer.encode(d.text) for d in docs}
     sources = sorted({d.source for d in docs})
-    report, order = [], {d.name: i for i, d in enumerate(docs)}
+    report = []
     language = dict(zip([d.name for d in docs], language_id.predict([d.text for d in docs]) if language_id
                         else ["all"] * len(docs)))
 
@@ -442,11 +463,8 @@ def curate(docs, tokenizer, log=print, quality_threshold=0.5, language_id=None):
     t0 = time.time()
     kept = [d for d in docs if heuristic_reject(d) is None]
     record("heuristic filters", docs, kept)
-    before, tokens_before, kept, lines = kept, tokens_per_source(kept), [], 0
-    for group in by_language(before, language).values():
-        group_kept, group_lines = dedup_lines(group)
-        kept, lines = kept + group_kept, lines + group_lines
-    kept.sort(key=lambda d: order[d.name])  # back in corpus order
+    before, tokens_before = kept, tokens_per_source(kept)
+    kept, lines = each_language(before, language, lambda lang, group: dedup_lines(group))
     old_text = {b.name: b.text for b in before}
     for d in kept:  # re-tokenize only the documents that lost lines
         if d.text != old_text[d.name]:
@@ -465,16 +483,8 @@ def curate(docs, tokenizer, log=print, quality_threshold=0.5, language_id=None):
     kept = [d for d in kept if unsafe_reason(d) is None]
     record("unsafe content", before, kept)
     before = kept
-    kept = []
-    for lang, group in by_language(before, language).items():
-        if sum(len(ids[d.name]) // 128 for d in group) >= 20:  # enough text to train the classifier on
-            classifier = train_quality_classifier([ids[d.name] for d in group], tokenizer.n_words)
-            scores = quality_scores(classifier, [ids[d.name] for d in group])
-            kept += [d for d, s in zip(group, scores) if s >= quality_threshold]
-        else:
-            log(f"quality classifier skipped{'' if lang == 'all' else ' for ' + lang}: too little text to train it")
-            kept += group
-    kept.sort(key=lambda d: order[d.name])
+    kept, _ = each_language(before, language, lambda lang, group: quality_filter(
+        group, ids, tokenizer.n_words, quality_threshold, log, lang))
     record("quality classifier", before, kept)
     if not kept:
         raise tok.UserError("curation removed every document: check the data, or pass --no-curation")
