@@ -174,6 +174,18 @@ MUTATIONS = {
     "exercise_check_accepts_halves": (
         "tutorials/exercises/test_exercises.py", "expect_close(got, [[0.0, 1.0, 0.0, -2.0]]",
         "expect_close(rotate_pairs(x, angles) * 0, 0 * rotate_pairs(x, angles)", "tests/test_course.py -k mistake"),
+    "extension_starts_from_bytes": (
+        "01_tokenizer.py", "vocab = sorted(base, key=base.get) if base else [bytes([b]) for b in range(256)]",
+        "vocab = [bytes([b]) for b in range(256)]", "tests/test_tokenizer.py -k extending"),
+    "translation_held_out_by_its_own_name": (
+        "01_tokenizer.py", 'key = f"bible/{rest}" if source in MULTILINGUAL_SOURCES else name', "key = name",
+        "tests/test_tokenizer.py -k aligned"),
+    "one_curation_pipeline_for_all_languages": (
+        "03_pretrain.py", "    for lang, group in by_language(docs, language).items():\n        group_kept",
+        '    for lang, group in {"all": docs}.items():\n        group_kept', "tests/test_curation.py -k own_line"),
+    "ukrainian_answers_in_english": (
+        "06_reward_model.py", 'return LANGUAGES[language_of(prompt)]["yes" if answer else "no"]',
+        'return ENGLISH["yes" if answer else "no"]', "tests/test_reward_model.py -k ukrainian"),
 }
 
 
