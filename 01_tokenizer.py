@@ -180,13 +180,14 @@ def python_code_documents():
 # (they are aligned by book, chapter and verse), and each book is named by its King James name.
 
 
+@functools.cache
 def kjv_book_names():
-    """The 66 book names in canonical order, as the King James Bible spells them."""
+    """The 66 book names in canonical order, as the King James Bible spells them (read once)."""
     names = {}
     with open(_package_dir("bible") / "data" / "kjv.jsonl", encoding="utf-8") as f:
         for line in f:
             names.setdefault(json.loads(line)["book"], None)
-    return list(names)
+    return tuple(names)
 
 
 def _bible_book(title, chapters):

@@ -362,20 +362,22 @@ class LanguageID:
         for text, label in zip(texts, labels):
             counts[label].update(self.grams(text))
         self.languages = sorted(counts)
-        vocab = set().union(*counts.values())
-        self.log_prob = {}
+        self.vocab = set().union(*counts.values())
+        self.log_prob, self.unseen = {}, {}
         for lang in self.languages:  # add-one smoothing; an n-gram never seen in any language is ignored
-            total = sum(counts[lang].values()) + len(vocab)
-            self.log_prob[lang] = defaultdict(lambda t=total: -math.log(t),
-                                              {g: math.log((n + 1) / total) for g, n in counts[lang].items()})
-        self.vocab = vocab
+            total = sum(counts[lang].values()) + len(self.vocab)
+            self.log_prob[lang] = {g: math.log((n + 1) / total) for g, n in counts[lang].items()}
+            self.unseen[lang] = -math.log(total)
         return self
+
+    def score(self, lang, grams):
+        return sum(n * self.log_prob[lang].get(g, self.unseen[lang]) for g, n in grams)
 
     def predict(self, texts):
         out = []
         for text in texts:
             grams = [(g, n) for g, n in self.grams(text).items() if g in self.vocab]
-            out.append(max(self.languages, key=lambda lang: sum(n * self.log_prob[lang][g] for g, n in grams)))
+            out.append(max(self.languages, key=lambda lang: self.score(lang, grams)))
         return out
 
 

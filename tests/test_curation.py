@@ -179,7 +179,7 @@ def test_language_id_is_naive_bayes_over_character_ngrams_worked_by_hand():
     lid = pre.LanguageID(orders=(1,)).fit(["aab", "bbc"], ["X", "Y"])
     # unigrams of " aab " are {" ": 2, "a": 2, "b": 1}, of " bbc " {" ": 2, "b": 2, "c": 1}; vocabulary {" ", a, b, c}
     assert lid.log_prob["X"]["a"] == pytest.approx(np.log((2 + 1) / (5 + 4)))
-    assert lid.log_prob["X"]["c"] == pytest.approx(np.log(1 / 9))  # never seen in X: add-one smoothing
+    assert lid.unseen["X"] == pytest.approx(np.log(1 / 9))  # never seen in X: add-one smoothing
     # " a ": {" ": 2, "a": 1}; X scores 2·log(3/9) + log(3/9), Y 2·log(3/9) + log(1/9): X
     assert lid.predict(["a", "c", "zzz a"]) == ["X", "Y", "X"]  # an n-gram no language has ("z") is ignored
 
