@@ -12,8 +12,9 @@ Here, from 04's checkpoint:
   * anneal to LR 0 at the long context, upsampling math and code (and show the contamination check);
   * average the snapshots taken during annealing, and compare with the last one;
   * evaluate 04's model, the last and the averaged checkpoint on benchmarks built here: GSM8K-like
-    math (few-shot, answer extracted and checked) and held-out text completion, plus validation
-    loss per source; print a table, save a bar chart;
+    math (few-shot) graded in three tiers (the method, the first step, the final answer), each gain
+    paired item by item with its standard error, and held-out text completion, plus validation loss
+    per source; print a table, save a bar chart;
   * `--probe SOURCE`: anneal an earlier 03 checkpoint with SOURCE at 30% vs a 0% control.
 
 Run it:
@@ -46,12 +47,12 @@ BENCH_SEED, SHOT_SEED = 10_007, 20_011  # seeds no training data uses (03 adds s
 class AnnealConfig:
     steps: int = 60  # annealing steps (Llama 3: the last 40M tokens of 15.6T)
     lr: float = 6e-4  # where the linear decay starts; it ends at exactly 0
-    batch_tokens: int = 0  # tokens per optimizer step, at the long context length; 0: four rows of it
+    batch_tokens: int = 0  # tokens per optimizer step; 0: four rows of the long context (--probe: the 03 run's batch)
     micro_batch: int = 0  # rows per forward pass; 0: the whole batch on a CPU, one row on a GPU
     dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16")})  # auto: bf16 on CUDA, else fp32
     upsample: str = "math=2,code=2"  # §3.4.3 upsamples very-high-quality data: category=factor,...
     snapshots: int = 4  # checkpoints averaged, evenly spaced over the second half, the last included
-    math_items: int = 100  # GSM8K-like benchmark items (before the contamination check)
+    math_items: int = 200  # GSM8K-like benchmark items (before the contamination check)
     shots: int = 3  # worked examples before each math question
     completion_items: int = 100  # held-out completion benchmark items
     eval_rows: int = 16  # validation rows per source
@@ -113,8 +114,9 @@ def snapshot_steps(steps, n):
 
 
 def math_benchmark(n):
-    """GSM8K-like items (question, answer) from 01's generator, with a seed no training data uses."""
-    return [(q, answer) for q, _, answer in tok.math_problems(n, BENCH_SEED)]
+    """GSM8K-like items (question, worked answer, answer) from 01's generator, with a seed no training
+    data uses."""
+    return tok.math_problems(n, BENCH_SEED)
 
 
 def math_prompt(tokenizer, question, shots, max_tokens):
@@ -137,6 +139,38 @@ def extract_answer(completion):
         return int(match.group(1).replace(",", ""))
     numbers = re.findall(r"-?\d+", first)
     return int(numbers[-1]) if numbers else None
+
+
+def operations(working):
+    """The method of a worked answer: its operators in order ("33 + 16 = 49. 49 - 2 = 47." -> + then -)."""
+    return re.findall(r"(?<=\d) ([-+x/]) (?=\$?\d)", working)
+
+
+# Graded tiers of one GSM8K-like answer, easiest first (the final answer is GSM8K's own score). The method
+# reads the question's words ("gives away", "shared equally") and needs no arithmetic; the first step needs
+# the question's numbers copied and combined; the answer needs every step.
+MATH_TIERS = {"math_method": "right operations, in order", "math_first_step": "first step written exactly",
+              "math_accuracy": "final answer (GSM8K's score)"}
+
+
+def grade_math(completion, working, answer):
+    """The three tiers of one answer: {tier: right?}."""
+    mine = re.split(r"\n\s*Question:|The answer is", completion)[0].strip()  # the working, before the answer
+    return {"math_method": operations(mine) == operations(working),
+            "math_first_step": re.match(re.escape(working.split(".")[0]) + r"\b", mine) is not None,
+            "math_accuracy": extract_answer(completion) == answer}
+
+
+def commonest_method_share(math_items):
+    """The baseline for the method tier: the score of always writing the commonest method."""
+    methods = [tuple(operations(working)) for _, working, _ in math_items]
+    return max(map(methods.count, set(methods))) / max(len(methods), 1)
+
+
+def paired_gain(before, after):
+    """Mean gain of per-item scores `after` over `before` on the same items, and its standard error."""
+    diff = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
 
 
 def completion_benchmark(val, tokenizer, n, context=48, target=8, seed=0):
@@ -163,16 +197,20 @@ def annealing_text(shards, tokenizer, sources):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, math_items, completion_items, val, eval_len, cfg, device, batch=25):
-    """Math accuracy, completion exact match and per-token accuracy, and validation loss per source."""
+    """Math tiers (and each item's, to pair models on), completion exact match and per-token accuracy, and
+    validation loss per source."""
     model.eval()
     autocast = mdl.autocast(device, cfg.dtype)
-    correct, answer_room = 0, 24
+    per_item = {tier: [] for tier in MATH_TIERS}
+    answer_room = min(32, model.args.max_seq_len // 4)  # a two-step working and its answer (less in a tiny context)
     for i in range(0, len(math_items), batch):
         chunk = math_items[i:i + batch]
-        prompts = [math_prompt(tokenizer, q, cfg.shots, model.args.max_seq_len - answer_room) for q, _ in chunk]
+        prompts = [math_prompt(tokenizer, q, cfg.shots, model.args.max_seq_len - answer_room) for q, _, _ in chunk]
         with autocast:
             outputs = mdl.generate(model, prompts, max_new_tokens=answer_room, stop_tokens=tokenizer.stop_tokens)
-        correct += sum(extract_answer(tokenizer.decode(o)) == a for o, (_, a) in zip(outputs, chunk))
+        for output, (_, working, answer) in zip(outputs, chunk):
+            for tier, right in grade_math(tokenizer.decode(output), working, answer).items():
+                per_item[tier].append(int(right))
     exact, token_hits = 0, 0
     for i in range(0, len(completion_items), batch):
         chunk = completion_items[i:i + batch]
@@ -184,8 +222,8 @@ def evaluate(model, tokenizer, math_items, completion_items, val, eval_len, cfg,
     losses = pre.eval_losses(model, val, cfg.eval_rows, eval_len, cfg.seed, device, autocast=autocast,
                              micro_batch=cfg.micro_batch)
     model.train()
-    return {"math_accuracy": correct / max(len(math_items), 1),
-            "completion_exact": exact / max(len(completion_items), 1),
+    return {**{tier: float(np.mean(hits)) if hits else 0.0 for tier, hits in per_item.items()},
+            "per_item": per_item, "completion_exact": exact / max(len(completion_items), 1),
             "completion_token_accuracy": token_hits / max(n_tokens, 1),
             "val_loss": losses, "val_loss_mean": float(np.mean(list(losses.values())))}
 
@@ -274,8 +312,8 @@ def probe_source(train, tokenizer, tokenizer_path, probe, folder, log):
 
 
 def bar_chart(results, path):
-    metrics = [("math_accuracy", "GSM8K-like accuracy"), ("completion_token_accuracy", "completion token acc."),
-               ("completion_exact", "completion exact match")]
+    metrics = [("math_method", "math: method"), ("math_first_step", "math: first step"),
+               ("math_accuracy", "math: answer"), ("completion_token_accuracy", "completion tokens")]
     fig, axes = pre.figure(ncols=2, figsize=(11, 3.8))
     width = 0.8 / len(results)
     for k, (name, r) in enumerate(results.items()):
@@ -288,15 +326,27 @@ def bar_chart(results, path):
     axes[0].legend(fontsize=8), pre.save_figure(fig, path)
 
 
-def print_table(results, log):
+def print_table(results, log, baseline=None):
     width = max(len(name) for name in results) + 2
-    log(f"\n{'':<28}" + "".join(f"{name:>{width}}" for name in results))
-    rows = [("GSM8K-like accuracy", "math_accuracy"), ("completion exact match", "completion_exact"),
-            ("completion token accuracy", "completion_token_accuracy"), ("val loss (mean)", "val_loss_mean")]
+    log(f"\n{'':<34}" + "".join(f"{name:>{width}}" for name in results))
+    rows = [*((f"GSM8K-like: {label}", tier) for tier, label in MATH_TIERS.items()),
+            ("completion exact match", "completion_exact"), ("completion token accuracy", "completion_token_accuracy"),
+            ("val loss (mean)", "val_loss_mean")]
     for label, key in rows:
-        log(f"{label:<28}" + "".join(f"{r[key]:>{width}.3f}" for r in results.values()))
+        log(f"{label:<34}" + "".join(f"{r[key]:>{width}.3f}" for r in results.values()))
     for source in sorted(next(iter(results.values()))["val_loss"]):
-        log(f"{'  val loss ' + source:<28}" + "".join(f"{r['val_loss'][source]:>{width}.3f}" for r in results.values()))
+        log(f"{'  val loss ' + source:<34}" + "".join(f"{r['val_loss'][source]:>{width}.3f}" for r in results.values()))
+    if baseline is not None:
+        log(f"(always writing the commonest method would score {baseline:.3f} on the method tier)")
+
+
+def print_gains(before, after, names, log):
+    """Each math tier's gain of `after` over `before`, paired item by item, with its standard error."""
+    gains = {tier: paired_gain(before["per_item"][tier], after["per_item"][tier]) for tier in MATH_TIERS}
+    n = len(before["per_item"]["math_method"])
+    log(f"{names}, paired over the same {n} items: " +
+        ", ".join(f"{tier.removeprefix('math_')} {g:+.3f} ± {se:.3f}" for tier, (g, se) in gains.items()))
+    return gains
 
 
 def main(argv=None):
@@ -349,11 +399,15 @@ def anneal_and_average(init, train, val, cfg, device, out, resume=False):
     mdl.save_checkpoint(out / "last.pt", model)
     model.load_state_dict(average.average())
     results["averaged"] = evaluate_now()
-    print_table(results, print)
+    baseline = commonest_method_share(math_items)
+    print_table(results, print, baseline)
+    gains = {name: print_gains(results["04 model"], results[name], f"{name} − 04 model", print)
+             for name in ("annealed (last)", "averaged")}
     bar_chart(results, out / "benchmarks.png")
     tokenizer.save(out / "tokenizer.model")
     tok.atomic_write_text(out / "metrics.json", json.dumps({
-        "config": asdict(cfg), "mix": weights, "results": results,
+        "config": asdict(cfg), "mix": weights, "results": results, "gains_over_04": gains,
+        "commonest_method_share": baseline,
         "benchmark_items": {"math": len(math_items), "completion": len(completion_items)}}, indent=2))
     # the averaged model is the final pre-trained ("base") model
     mdl.save_checkpoint(out / "model.pt", model, averaged_steps=[s + 1 for s in at])
@@ -389,6 +443,13 @@ def probe_mixes(weights, source):
     return control, {**{s: 0.7 * w for s, w in control.items()}, source: 0.3}
 
 
+def pretraining_batch(ckpt_path):
+    """The batch (tokens a step) of the 03 run a training checkpoint belongs to, or None for a plain
+    model file. The probe continues that run, so it anneals with the run's own batch size."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True) if Path(ckpt_path).is_file() else {}
+    return ckpt.get("config", {}).get("batch_tokens")
+
+
 def run_probe(flags, cfg, train, val, device, out):
     """§3.1.3: anneal a half-trained model with 30% candidate data, and a 0% control, then compare."""
     if flags.probe_init:
@@ -405,6 +466,8 @@ def run_probe(flags, cfg, train, val, device, out):
     train, source = probe_source(train, tokenizer, tokenizer_path, flags.probe, out / "probe_data", print)
     base, candidate = probe_mixes(pre.mix_weights(train, "paper"), source)
     seq_len = mdl.load_checkpoint(ckpt_path)[1].max_seq_len  # memory-mapped: only the args are read
+    cfg = replace(cfg, batch_tokens=cfg.batch_tokens or pretraining_batch(ckpt_path) or 4 * seq_len)
+    print(f"each probe anneals {cfg.steps} steps of {cfg.batch_tokens:,} tokens at {seq_len} tokens a row")
     math_items, completion_items = benchmarks(train, val, tokenizer, cfg, list(candidate), print)
     results = {}
     for name, weights in [("control (0%)", base), (f"{source} at 30%", candidate)]:
@@ -413,13 +476,14 @@ def run_probe(flags, cfg, train, val, device, out):
         print(f"\nannealing {ckpt_path} on: " + ", ".join(f"{s} {w:.0%}" for s, w in weights.items() if w))
         anneal(model, train, weights, cfg, seq_len, device, print)
         results[name] = evaluate(model, tokenizer, math_items, completion_items, val, seq_len, cfg, device)
-    print_table(results, print)
+    print_table(results, print, commonest_method_share(math_items))
     control, probe = results.values()
-    gains = {k: probe[k] - control[k] for k in ("math_accuracy", "completion_exact", "completion_token_accuracy",
+    gains = {k: probe[k] - control[k] for k in (*MATH_TIERS, "completion_exact", "completion_token_accuracy",
                                                   "val_loss_mean")}
     print("gain over the control: " + ", ".join(f"{k} {v:+.3f}" for k, v in gains.items()))
+    paired = print_gains(control, probe, "probe − control", print)
     tok.atomic_write_text(out / "probe.json", json.dumps({"probe": flags.probe, "from": str(ckpt_path), "results": results,
-                                                 "gain": gains}, indent=2))
+                                                 "gain": gains, "paired_gain": paired}, indent=2))
 
 
 def parse_flags(argv):

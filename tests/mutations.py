@@ -79,6 +79,13 @@ MUTATIONS = {
         "05_anneal.py",
         "math_items, dropped_math = contamination_filter(math_benchmark(cfg.math_items), corpus_text, lambda item: item[0])",
         "math_items, dropped_math = math_benchmark(cfg.math_items), 0", "tests/test_anneal.py -k planted"),
+    "math_method_ignores_order": (
+        "05_anneal.py", "return {\"math_method\": operations(mine) == operations(working),",
+        "return {\"math_method\": sorted(operations(mine)) == sorted(operations(working)),",
+        "tests/test_anneal.py -k tiers"),
+    "probe_ignores_its_runs_batch": (
+        "05_anneal.py", "batch_tokens=cfg.batch_tokens or pretraining_batch(ckpt_path) or 4 * seq_len)",
+        "batch_tokens=cfg.batch_tokens or 4 * seq_len)", "tests/test_anneal.py -k probe"),
     "last_snapshot_averaged_twice": (
         "05_anneal.py", "    if log_file:\n        log_file.close()\n    return average",
         "    if log_file:\n        log_file.close()\n    average.add(model.state_dict())\n    return average",

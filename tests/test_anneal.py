@@ -55,12 +55,35 @@ def test_extract_answer(completion, answer):
     assert an.extract_answer(completion) == answer
 
 
+@pytest.mark.parametrize("completion, method, first_step, answer", [
+    (" 33 + 16 = 49. 49 - 2 = 47. The answer is 47.", True, True, True),  # the worked answer itself
+    (" 30 + 7 = 72. 72 - 6 = 7. The answer is 7.", True, False, False),  # the method, wrong numbers
+    (" 33 + 16 = 49. 49 + 2 = 51. The answer is 51.", False, True, False),  # right first step, wrong method
+    (" 33 x 16 = 47. The answer is 47.", False, False, True),  # a right answer by luck
+    (" 33 + 16 = 490. 490 - 2 = 488.", True, False, False),
+    (" 16 - 2 = 14. 14 + 33 = 47. The answer is 47.", False, False, True),  # the operations, in another order
+    (" 33 + 16 = 49.\nQuestion: What is 9 - 2?\nAnswer: 9 - 2 = 7.", False, True, False),  # stops after one step
+])
+def test_math_tiers_grade_method_first_step_and_answer_apart(completion, method, first_step, answer):
+    # kind 2 of 01's generator: "Femi has 33 pencils. Femi gets 16 more and gives 2 away. ..."
+    grades = an.grade_math(completion, "33 + 16 = 49. 49 - 2 = 47.", 47)
+    assert grades == {"math_method": method, "math_first_step": first_step, "math_accuracy": answer}
+
+
+def test_operations_and_the_commonest_method_baseline():
+    assert an.operations("12 x 5 = 60. 200 - 60 = 140.") == ["x", "-"]
+    assert an.operations("72 / 6 = 12.") == ["/"] and an.operations("The answer is -3.") == []
+    items = [("q", "1 + 2 = 3.", 3), ("q", "2 x 3 = 6. 9 - 6 = 3.", 3), ("q", "4 x 3 = 12. 20 - 12 = 8.", 8)]
+    assert an.commonest_method_share(items) == pytest.approx(2 / 3)
+    assert [round(v, 6) for v in an.paired_gain([0, 0, 1, 1], [1, 1, 1, 0])] == [0.25, round(0.957427 / 2, 6)]
+
+
 def test_math_benchmark_is_fixed_and_few_shot(pretrained):
     _, tokenizer = pretrained
     items = an.math_benchmark(20)
     assert items == an.math_benchmark(20)
-    q, _, a = tok.math_problems(1, an.BENCH_SEED)[0]
-    assert items[0] == (q, a)
+    q, working, a = tok.math_problems(1, an.BENCH_SEED)[0]
+    assert items[0] == (q, working, a)
     full = tokenizer.decode(an.math_prompt(tokenizer, q, 3, 10_000))
     assert full.count("Question:") == 4 and full.endswith(f"Question: {q}\nAnswer:")
     short = an.math_prompt(tokenizer, q, 3, 120)  # fewer shots when the context is short
@@ -110,7 +133,7 @@ def test_anneal_end_to_end_and_no_benchmark_item_in_the_annealing_data(annealed,
     math_items, completion_items = an.benchmarks(train, val, tokenizer, cfg, list(weights), lambda *a: None)
     text = an.annealing_text(train, tokenizer, list(weights))
     assert completion_items and all(tokenizer.decode(p + t) not in text for p, t in completion_items)
-    assert math_items and all(q not in text for q, _ in math_items)
+    assert math_items and all(q not in text for q, _, _ in math_items)
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_run(annealed, long_context, pretrained, tmp_path):
@@ -173,17 +196,19 @@ def test_scoring_counts_right_answers_and_matching_tokens(pretrained, monkeypatc
     cfg = an.AnnealConfig(eval_rows=2, dtype="float32")
     def answering(right):
         def fake_generate(model, prompts, max_new_tokens, stop_tokens=()):
-            if stop_tokens:  # the math prompts
-                return [tokenizer.encode(f" {a + (0 if right else 1)} + 0 = {a}. The answer is {a + (0 if right else 1)}.")
-                        for (_, a) in math_items[:len(prompts)]]
+            if stop_tokens:  # the math prompts: the worked answer, or one whose every tier fails
+                return [tokenizer.encode(f" {w} The answer is {a}." if right else f" 1 ? 1 = {a + 1}. The answer is {a + 1}.")
+                        for (_, w, a) in math_items[:len(prompts)]]
             return [t if right else [t[0] + 1] + t[1:] for _, t in completion_items[:len(prompts)]]
         return fake_generate
     monkeypatch.setattr(an.mdl, "generate", answering(True))
     right = an.evaluate(model, tokenizer, math_items, completion_items, val, 64, cfg, torch.device("cpu"))
     monkeypatch.setattr(an.mdl, "generate", answering(False))
     wrong = an.evaluate(model, tokenizer, math_items, completion_items, val, 64, cfg, torch.device("cpu"))
-    assert right["math_accuracy"] == 1.0 and right["completion_exact"] == 1.0 and right["completion_token_accuracy"] == 1.0
-    assert wrong["math_accuracy"] == 0.0 and wrong["completion_exact"] == 0.0
+    assert all(right[tier] == 1.0 and wrong[tier] == 0.0 for tier in an.MATH_TIERS)
+    assert right["per_item"]["math_method"] == [1] * 6 and wrong["per_item"]["math_accuracy"] == [0] * 6
+    assert right["completion_exact"] == 1.0 and right["completion_token_accuracy"] == 1.0
+    assert wrong["completion_exact"] == 0.0
     n_tokens = sum(len(t) for _, t in completion_items)
     assert wrong["completion_token_accuracy"] == pytest.approx((n_tokens - len(completion_items)) / n_tokens)
 
@@ -230,8 +255,21 @@ def test_probe_with_new_data(pretrained, long_context, tmp_path, capsys):
              "--device", "cpu"])
     probe = json.loads((tmp_path / "05" / "probe.json").read_text())
     assert list(probe["results"]) == ["control (0%)", "probe at 30%"]
-    assert set(probe["gain"]) == {"math_accuracy", "completion_exact", "completion_token_accuracy", "val_loss_mean"}
+    assert set(probe["gain"]) == {*an.MATH_TIERS, "completion_exact", "completion_token_accuracy", "val_loss_mean"}
+    assert set(probe["paired_gain"]) == set(an.MATH_TIERS)
     assert "gain over the control" in capsys.readouterr().out
+
+
+def test_the_probe_anneals_with_its_pretraining_runs_batch(pretrained, long_context, tmp_path, capsys):
+    """§3.1.3 continues a half-trained run: a 03 checkpoint gives its own batch; a plain model file none."""
+    folder, _ = pretrained
+    ckpt = pre.checkpoints(folder / "03")[0]
+    assert an.pretraining_batch(ckpt) == 1024  # the fixture's --batch-tokens
+    assert an.pretraining_batch(long_context / "model.pt") is None and an.pretraining_batch(long_context) is None
+    an.main(["--probe", "bible", "--probe-init", str(ckpt), "--data-dir", str(folder / "03" / "data"),
+             "--out", str(tmp_path / "05"), "--steps", "2", "--math-items", "1", "--completion-items", "2",
+             "--eval-rows", "2", "--device", "cpu"])
+    assert "each probe anneals 2 steps of 1,024 tokens at 64 tokens a row" in capsys.readouterr().out
 
 
 def test_bad_input(tmp_path, pretrained):
