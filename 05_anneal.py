@@ -164,13 +164,15 @@ def grade_math(completion, working, answer):
 def commonest_method_share(math_items):
     """The baseline for the method tier: the score of always writing the commonest method."""
     methods = [tuple(operations(working)) for _, working, _ in math_items]
-    return max(map(methods.count, set(methods))) / max(len(methods), 1)
+    return max(map(methods.count, set(methods))) / len(methods) if methods else 0.0
 
 
 def paired_gain(before, after):
     """Mean gain of per-item scores `after` over `before` on the same items, and its standard error."""
     diff = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
-    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    if len(diff) < 2:  # no spread to measure
+        return (float(diff[0]) if len(diff) else float("nan")), float("nan")
+    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
 
 
 def completion_benchmark(val, tokenizer, n, context=48, target=8, seed=0):
@@ -467,7 +469,7 @@ def run_probe(flags, cfg, train, val, device, out):
     base, candidate = probe_mixes(pre.mix_weights(train, "paper"), source)
     seq_len = mdl.load_checkpoint(ckpt_path)[1].max_seq_len  # memory-mapped: only the args are read
     cfg = replace(cfg, batch_tokens=cfg.batch_tokens or pretraining_batch(ckpt_path) or 4 * seq_len)
-    print(f"each probe anneals {cfg.steps} steps of {cfg.batch_tokens:,} tokens at {seq_len} tokens a row")
+    print(f"each probe anneals {cfg.steps} steps of {max(1, cfg.batch_tokens // seq_len)} rows of {seq_len} tokens")
     math_items, completion_items = benchmarks(train, val, tokenizer, cfg, list(candidate), print)
     results = {}
     for name, weights in [("control (0%)", base), (f"{source} at 30%", candidate)]:

@@ -2,6 +2,7 @@
 hand-made cases, no benchmark item in the annealing data, and the chapter end to end."""
 import importlib
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -74,8 +75,9 @@ def test_operations_and_the_commonest_method_baseline():
     assert an.operations("12 x 5 = 60. 200 - 60 = 140.") == ["x", "-"]
     assert an.operations("72 / 6 = 12.") == ["/"] and an.operations("The answer is -3.") == []
     items = [("q", "1 + 2 = 3.", 3), ("q", "2 x 3 = 6. 9 - 6 = 3.", 3), ("q", "4 x 3 = 12. 20 - 12 = 8.", 8)]
-    assert an.commonest_method_share(items) == pytest.approx(2 / 3)
+    assert an.commonest_method_share(items) == pytest.approx(2 / 3) and an.commonest_method_share([]) == 0.0
     assert [round(v, 6) for v in an.paired_gain([0, 0, 1, 1], [1, 1, 1, 0])] == [0.25, round(0.957427 / 2, 6)]
+    assert an.paired_gain([0], [1])[0] == 1.0 and math.isnan(an.paired_gain([0], [1])[1])  # one item: no spread
 
 
 def test_math_benchmark_is_fixed_and_few_shot(pretrained):
@@ -269,7 +271,7 @@ def test_the_probe_anneals_with_its_pretraining_runs_batch(pretrained, long_cont
     an.main(["--probe", "bible", "--probe-init", str(ckpt), "--data-dir", str(folder / "03" / "data"),
              "--out", str(tmp_path / "05"), "--steps", "2", "--math-items", "1", "--completion-items", "2",
              "--eval-rows", "2", "--device", "cpu"])
-    assert "each probe anneals 2 steps of 1,024 tokens at 64 tokens a row" in capsys.readouterr().out
+    assert "each probe anneals 2 steps of 16 rows of 64 tokens" in capsys.readouterr().out
 
 
 def test_bad_input(tmp_path, pretrained):

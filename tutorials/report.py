@@ -163,9 +163,9 @@ def long_context_section(m, runs):
 
 def anneal_section(m, runs):
     items = m.get("benchmark_items", {})
-    rows = [[name, pct(r["math_method"]), pct(r["math_first_step"]), pct(r["math_accuracy"]),
+    rows = [[name, pct(r.get("math_method")), pct(r.get("math_first_step")), pct(r["math_accuracy"]),
              pct(r["completion_token_accuracy"]), f"{r['val_loss_mean']:.3f}"] for name, r in m["results"].items()]
-    gain, se = m["gains_over_04"]["averaged"]["math_method"]
+    gain, se = m.get("gains_over_04", {}).get("averaged", {}).get("math_method", (float("nan"),) * 2)
     return [f"Annealed {m['config']['steps']} steps to LR 0, upsampling `{m['config']['upsample']}`; "
             f"{items.get('math', '?')} math and {items.get('completion', '?')} completion items after the "
             "contamination check (§3.4.3, §3.1.3). GSM8K-like answers graded in tiers: the method (the right "
@@ -173,7 +173,7 @@ def anneal_section(m, runs):
             *table(["model", "math: method", "math: first step", "math: answer", "completion tokens", "val loss"],
                    rows), "",
             f"Method tier, averaged − 04 model: {100 * gain:+.1f} ± {100 * se:.1f} points (paired standard error); "
-            f"always writing the commonest method scores {pct(m['commonest_method_share'])}.", "",
+            f"always writing the commonest method scores {pct(m.get('commonest_method_share'))}.", "",
             *image(runs, "05_anneal", "benchmarks.png")]
 
 
