@@ -12,6 +12,8 @@ This script does the same at laptop scale, from 03's checkpoint:
   * training rows packed from the corpus (whole plays, books, modules, with the document mask), plus
     synthetic passkey documents, so the model learns retrieval over distance;
   * the stage gate as the paper defines it, printed per stage, and a NIAH heatmap (depth x length);
+  * the contrast that shows what extension is for: the loss past the pretraining length of the base
+    model with RoPE untouched, with the RoPE lever alone, and after the stages;
   * `--no-doc-mask`: the same extension without the document mask, reported side by side.
 
 Run it:
@@ -339,6 +341,20 @@ class Extension:
         return ckpt["stage"], ckpt["done"], ckpt["long_before"], ckpt["step"]
 
 
+def untrained_contrast(model, data, cfg, device):
+    """What extension is for: the base model's loss at positions base_len..final length before any
+    training, first with RoPE untouched (positions it never trained on), then with the RoPE lever set
+    for the final length. The model keeps its own args afterwards."""
+    base_args, final = model.args, cfg.stages[-1]
+    losses = {}
+    for name, lever in [("no extension (RoPE untouched)", "none"), (f"RoPE lever ({cfg.rope}), no training", cfg.rope)]:
+        set_args(model, extend_rope(base_args, final, base_args.max_seq_len, final, lever))
+        losses[name] = long_position_loss(model, data.val, final, base_args.max_seq_len, cfg.eval_rows, cfg.seed,
+                                          cfg.doc_mask, device, mdl.autocast(device, cfg.dtype), cfg.micro_batch)
+    set_args(model, base_args)
+    return losses
+
+
 def extend(model, tokenizer, data, cfg, device, out, resume=False, log=print):
     """Run the stages (from a checkpoint when resuming); return per-stage records, the final NIAH
     grid and its lengths."""
@@ -400,7 +416,11 @@ def long_context(init, out, cfg, device_name="auto", resume=False):
     if resume and state == "new":
         print(f"no checkpoint in {out} yet: starting from the first stage")
 
+    contrast = untrained_contrast(model, data, cfg, device)
     records, grid, lengths = extend(model, tokenizer, data, cfg, device, out, resume=state == "interrupted")
+    contrast[f"extended ({len(records)} stages)"] = records[-1]["long_position_loss"]
+    print(f"loss at positions {base_len}-{cfg.stages[-1] - 1} (held out): " +
+          ", ".join(f"{name} {loss:.3f}" for name, loss in contrast.items()))
     final_args = replace(model.args, attn_impl="sdpa")
     plot_rope(base_args, final_args, out / "rope.png")
     plot_niah(grid, lengths, cfg.niah_depths, out / "niah.png",
@@ -408,7 +428,8 @@ def long_context(init, out, cfg, device_name="auto", resume=False):
     tokenizer.save(out / "tokenizer.model")
     metrics = {"config": asdict(cfg), "base_len": base_len, "stages": records,
                "final_long_position_loss": records[-1]["long_position_loss"],
-               "final_niah_accuracy": float(np.mean(grid)), "final_short_loss": records[-1]["short_loss"]}
+               "final_niah_accuracy": float(np.mean(grid)), "final_short_loss": records[-1]["short_loss"],
+               "long_position_loss_contrast": contrast}
     tok.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     mdl.save_checkpoint(out / "model.pt", model, args=final_args, stage=len(records))
     (out / "ckpt.pt").unlink(missing_ok=True)  # finished: model.pt is the result

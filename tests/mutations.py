@@ -75,6 +75,9 @@ MUTATIONS = {
     "passkey_rows_lose_their_answer": (
         "04_long_context.py", "number, with_answer=True)[:length + 1]", "number, with_answer=False)[:length + 1]",
         "tests/test_long_context.py -k training_rows"),
+    "contrast_without_the_lever": (
+        "04_long_context.py", 'f"RoPE lever ({cfg.rope}), no training", cfg.rope)]',
+        'f"RoPE lever ({cfg.rope}), no training", "none")]', "tests/test_long_context.py -k contrast"),
     "math_benchmark_not_decontaminated": (
         "05_anneal.py",
         "math_items, dropped_math = contamination_filter(math_benchmark(cfg.math_items), corpus_text, lambda item: item[0])",

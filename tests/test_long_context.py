@@ -146,6 +146,32 @@ def test_short_extension_updates_the_context_and_lowers_long_position_loss(long_
     assert (out / "niah.png").stat().st_size > 1000 and (out / "rope.png").is_file()
 
 
+def test_the_contrast_measures_the_base_model_with_and_without_the_rope_lever(pretrained, long_context, monkeypatch):
+    """The base model at the final length: RoPE untouched, then with the lever, both computed the way
+    04's own long-position loss is, and the model keeps its args; the run reports the extended loss beside them."""
+    folder, _ = pretrained
+    model, base_args = mdl.load_checkpoint(folder / "03", mmap=False)
+    val = pre.TokenShards(folder / "03" / "data", "val")
+    data = pre.Data(None, val, None)
+    cfg = replace(lc.LongContextConfig(), stages=(96, 128), eval_rows=4, dtype="float32", rope="theta")
+    evaluated_with, measure = [], lc.long_position_loss
+    monkeypatch.setattr(lc, "long_position_loss", lambda m, *a, **k: (evaluated_with.append(m.args), measure(m, *a, **k))[1])
+    contrast = lc.untrained_contrast(model, data, cfg, torch.device("cpu"))
+    monkeypatch.undo()
+    assert evaluated_with == [lc.extend_rope(base_args, 128, 64, 128, lever) for lever in ("none", "theta")]
+    assert model.args == base_args
+    for (name, loss), lever in zip(contrast.items(), ["none", "theta"]):
+        lc.set_args(model, lc.extend_rope(base_args, 128, 64, 128, lever))
+        assert loss == pytest.approx(lc.long_position_loss(model, val, 128, 64, 4, cfg.seed, True, torch.device("cpu"))), name
+    reported = json.loads((long_context / "metrics.json").read_text())["long_position_loss_contrast"]  # 3.1 scaling
+    lc.set_args(model, base_args)
+    scaled = lc.untrained_contrast(model, data, replace(cfg, rope="scale"), torch.device("cpu"))
+    assert list(reported) == [*scaled, "extended (2 stages)"]
+    assert reported["extended (2 stages)"] == json.loads((long_context / "metrics.json").read_text())["final_long_position_loss"]
+    for name, loss in scaled.items():  # the run measured the same base model the same way
+        assert reported[name] == pytest.approx(loss, rel=1e-5)
+
+
 def test_training_rows_mix_whole_passkey_documents_into_packed_corpus_rows(pretrained):
     folder, tokenizer = pretrained
     train = pre.TokenShards(folder / "03" / "data", "train")

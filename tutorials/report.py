@@ -156,9 +156,12 @@ def long_context_section(m, runs):
              "yes" if s["recovered"] else "no", f"{s['long_position_loss_before']:.3f} → {s['long_position_loss']:.3f}",
              pct(sum(map(sum, s["niah"])) / sum(map(len, s["niah"]))), "yes" if s["niah_solved"] else "no"]
             for s in m["stages"]]
+    contrast = [f"Loss past {m['base_len']} at the final length: " +
+                "; ".join(f"{name} {loss:.3f}" for name, loss in m["long_position_loss_contrast"].items()) + ".", ""
+                ] if "long_position_loss_contrast" in m else []
     return [f"From {m['base_len']} tokens, RoPE lever `{m['config']['rope']}` (§3.4.2: six stages, 8K → 128K).", "",
             *table(["stage", "length", "short-context loss", "recovered", f"loss past {m['base_len']}", "NIAH",
-                    "solved"], rows), "", *image(runs, "04_long_context", "niah.png")]
+                    "solved"], rows), "", *contrast, *image(runs, "04_long_context", "niah.png")]
 
 
 def anneal_section(m, runs):
