@@ -163,11 +163,12 @@ def test_the_contrast_measures_the_base_model_with_and_without_the_rope_lever(pr
     for (name, loss), lever in zip(contrast.items(), ["none", "theta"]):
         lc.set_args(model, lc.extend_rope(base_args, 128, 64, 128, lever))
         assert loss == pytest.approx(lc.long_position_loss(model, val, 128, 64, 4, cfg.seed, True, torch.device("cpu"))), name
-    reported = json.loads((long_context / "metrics.json").read_text())["long_position_loss_contrast"]  # 3.1 scaling
+    metrics = json.loads((long_context / "metrics.json").read_text())  # the run used 3.1 scaling
+    reported = metrics["long_position_loss_contrast"]
     lc.set_args(model, base_args)
     scaled = lc.untrained_contrast(model, data, replace(cfg, rope="scale"), torch.device("cpu"))
     assert list(reported) == [*scaled, "extended (2 stages)"]
-    assert reported["extended (2 stages)"] == json.loads((long_context / "metrics.json").read_text())["final_long_position_loss"]
+    assert reported["extended (2 stages)"] == metrics["final_long_position_loss"]
     for name, loss in scaled.items():  # the run measured the same base model the same way
         assert reported[name] == pytest.approx(loss, rel=1e-5)
 
