@@ -73,11 +73,22 @@ MUTATIONS = {
         "04_long_context.py", "short <= self.short_before * (1 + self.cfg.recover_tolerance)",
         "short <= self.short_before", "tests/test_long_context.py -k three_percent"),
     "passkey_rows_lose_their_answer": (
-        "04_long_context.py", "number, with_answer=True)[:length + 1]", "number, with_answer=False)[:length + 1]",
-        "tests/test_long_context.py -k training_rows"),
+        "04_long_context.py", "number, with_answer=True)\n", "number, with_answer=False)\n",
+        "tests/test_long_context.py -k _rows_"),
     "contrast_without_the_lever": (
-        "04_long_context.py", 'f"RoPE lever ({cfg.rope}), no training", cfg.rope)]',
-        'f"RoPE lever ({cfg.rope}), no training", "none")]', "tests/test_long_context.py -k contrast"),
+        "04_long_context.py", "set_args(model, extend_rope(base_args, final, base_args.max_seq_len, final, lever))",
+        'set_args(model, extend_rope(base_args, final, base_args.max_seq_len, final, "none"))',
+        "tests/test_long_context.py -k contrast"),
+    "stage_0_rows_hold_one_document_each": (
+        "04_long_context.py", "rows, length, fraction, self.rng, passkey_len)", "rows, length, fraction, self.rng)",
+        "tests/test_long_context.py -k stage_0"),
+    "niah_contrast_with_other_needles": (
+        "04_long_context.py", "seed=cfg.seed + len(cfg.stages))", "seed=cfg.seed)",
+        "tests/test_long_context.py -k stage_0"),
+    "stage_0_resumes_from_its_start": (
+        "04_long_context.py", "self.train_steps(end - done, 0, self.base_len, done, passkey_len=doc_len)",
+        "self.train_steps(end - done, 0, self.base_len, 0, passkey_len=doc_len)",
+        "tests/test_long_context.py -k stage_0"),
     "math_benchmark_not_decontaminated": (
         "05_anneal.py",
         "math_items, dropped_math = contamination_filter(math_benchmark(cfg.math_items), corpus_text, lambda item: item[0])",

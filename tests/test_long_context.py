@@ -298,3 +298,88 @@ def test_bad_input(pretrained, tmp_path):
         lc.main(["--init", str(folder / "03"), "--out", str(tmp_path / "o"), "--stages", "48,96", "--device", "cpu"])
     with pytest.raises(tok.UserError, match="each stage must be longer"):
         lc.main(["--init", str(folder / "03"), "--out", str(tmp_path / "o"), "--stages", "128,96", "--device", "cpu"])
+
+
+def test_passkey_rows_pack_whole_answered_documents_with_their_own_doc_ids(pretrained):
+    """Stage 0's rows: documents of `doc_len` tokens one after another, each a whole needle prompt
+    with its answer and its own doc id, the row topped up with filler inside the last document."""
+    folder, tokenizer = pretrained
+    filler = lc.haystack(pre.TokenShards(folder / "03" / "data", "train"), tokenizer)
+    tokens, doc_ids = lc.passkey_row(tokenizer, filler, 256, 48, np.random.default_rng(0))
+    assert tokens.shape == doc_ids.shape == (257,) and doc_ids[0] == 0
+    starts = [0] + (torch.nonzero(doc_ids[1:] != doc_ids[:-1]).flatten() + 1).tolist()
+    assert doc_ids.unique().tolist() == list(range(len(starts)))
+    size = 48 - 3 + len(tokenizer.encode(" 42."))  # a prompt of doc_len - 3 tokens, then the answer
+    assert doc_ids.unique().tolist() == list(range(257 // size))
+    for a, b in zip(starts, [*starts[1:], starts[-1] + size]):
+        assert b - a == size and tokens[a] == tokenizer.bos_id  # one whole document each
+        text = tokenizer.decode(tokens[a:b].tolist())
+        number = re.search(r"The secret number is (\d+)\. ", text).group(1)
+        assert text.endswith(f"What is the secret number? The secret number is {number}.")
+    assert (tokens[starts[-1] + size:] < tokenizer.n_bpe).all()  # the top-up is plain text, no new document
+    train = pre.TokenShards(folder / "03" / "data", "train")
+    rows, row_ids = lc.training_rows(train, pre.mix_weights(train), filler, tokenizer, 40, 256, 0.5,
+                                     np.random.default_rng(1), passkey_len=48)
+    packed = [i for i in range(40) if "What is the secret number?" in tokenizer.decode(rows[i].tolist())]
+    assert 10 <= len(packed) <= 30  # about half the rows (binomial, 40 rows: within 3 sd), packed like the row above
+    for i in packed:
+        assert tokenizer.decode(rows[i].tolist()).count("What is the secret number?") == 257 // size == row_ids[i].max() + 1
+
+
+def test_stage_0_teaches_retrieval_before_the_stages_and_the_contrast_is_measured_after_it(pretrained, tmp_path,
+                                                                                         monkeypatch):
+    """--preset retrieval: stage 0 trains at the pretraining length on packed passkey documents of
+    each retrieval length in turn, checks the gate at that length, and the contrast (loss and NIAH
+    per length, RoPE untouched and lever) is measured on the model stage 0 leaves, with the needles
+    of the last gate."""
+    folder, _ = pretrained
+    out = tmp_path / "04"
+    seen = []
+    measure = lc.niah_accuracy
+    monkeypatch.setattr(lc, "niah_accuracy", lambda m, t, f, lengths, d, n, seed=0, **k: (
+        seen.append((m.args.max_seq_len, m.args.use_scaled_rope, tuple(lengths), seed)), measure(m, t, f, lengths, d, n, seed, **k))[1])
+    rows_asked, make_rows = [], lc.training_rows
+    monkeypatch.setattr(lc, "training_rows", lambda *a: (rows_asked.append((a[5], a[6], a[8])), make_rows(*a))[1])
+    argv = long_context_argv(folder, out) + ["--preset", "retrieval", "--retrieval-lengths", "48,64",
+                                             "--retrieval-steps", "3,4", "--steps-per-stage", "2"]
+    lc.main(argv)
+    metrics = json.loads((out / "metrics.json").read_text())
+    stages = metrics["stages"]
+    assert [s["stage"] for s in stages] == [0, 1, 2] and stages[0]["niah_lengths"] == [64] and stages[0]["steps"] == 7
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    steps = [r for r in log if "stage_step" in r]
+    assert [r["length"] for r in steps] == [64] * 7 + [96] * 2 + [128] * 2
+    assert [r["step"] for r in steps] == list(range(1, 12))
+    assert [r["stage_step"] for r in steps] == [1, 2, 3, 4, 5, 6, 7, 1, 2, 1, 2]  # stage 0's phases: one warmup
+    # (row length, share of passkey rows, their documents' length): the preset's 0.5 in every stage
+    assert rows_asked == [(64, 0.5, 48)] * 3 + [(64, 0.5, 64)] * 4 + [(96, 0.5, None)] * 2 + [(128, 0.5, None)] * 2
+    # gates: stage 0 at 64; then the contrast, untouched and lever, at every length with the last gate's needles
+    assert seen[:3] == [(64, False, (64,), 1234), (128, False, (64, 96, 128), 1236), (128, True, (64, 96, 128), 1236)]
+    assert seen[-1] == (128, True, (64, 96, 128), 1236)
+    contrast = metrics["niah_contrast"]
+    assert list(contrast) == ["no extension (RoPE untouched)", "RoPE lever (scale), no training", "extended (2 stages)"]
+    assert contrast["extended (2 stages)"] == np.array(stages[-1]["niah"]).mean(axis=0).tolist()
+    assert all(len(v) == 3 for v in contrast.values())
+    monkeypatch.undo()
+
+    # interrupted in stage 0's second phase, then --resume: the same log and model as the run above
+    cut, train_steps = tmp_path / "cut", lc.Extension.train_steps
+    def crash_at_the_second_phase(self, n, stage, length, done, passkey_len=None):
+        if passkey_len == 64:
+            raise KeyboardInterrupt
+        return train_steps(self, n, stage, length, done, passkey_len)
+    monkeypatch.setattr(lc.Extension, "train_steps", crash_at_the_second_phase)
+    with pytest.raises(KeyboardInterrupt):
+        lc.main(long_context_argv(folder, cut) + argv[len(long_context_argv(folder, out)):])
+    monkeypatch.undo()
+    assert torch.load(cut / "ckpt.pt", weights_only=True)["done"] == 3
+    lc.main(long_context_argv(folder, cut) + argv[len(long_context_argv(folder, out)):] + ["--resume"])
+    without_time = lambda folder: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(folder / "log.jsonl")]
+    assert without_time(cut) == without_time(out)
+    ours, theirs = (torch.load(f / "model.pt", weights_only=True)["model"] for f in (cut, out))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert json.loads((cut / "metrics.json").read_text())["niah_contrast"] == contrast
+    with pytest.raises(tok.UserError, match="at most the pretraining length"):
+        lc.main(long_context_argv(folder, tmp_path / "bad") + ["--retrieval-lengths", "48,96", "--retrieval-steps", "1,1"])
+    with pytest.raises(tok.UserError, match="one step count per length"):
+        lc.main(long_context_argv(folder, tmp_path / "bad") + ["--retrieval-lengths", "48,64", "--retrieval-steps", "1"])
