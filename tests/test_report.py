@@ -134,6 +134,8 @@ def test_the_report_reads_real_metrics_of_tiny_runs(pretrained, long_context, re
         assert f"| {stage['stage']} | {stage['length']} | {stage['short_loss_before']:.3f} → {stage['short_loss']:.3f} |" in text
     for name, loss in m04["long_position_loss_contrast"].items():
         assert f"{name} {loss:.3f}" in text
+    for name, accuracy in m04["niah_contrast"].items():
+        assert f"{name} {' / '.join(f'{100 * a:.0f}%' for a in accuracy)}" in text
     assert f"**{100 * m06['mean_accuracy']:.0f}%**" in text
     assert "| 03_pretrain | 6.7 min | 5 min (over) |" in text and "| 01_tokenizer | 0.2 min | 0.5 min |" in text
     for name in ("05_anneal", "07_sft", "08_dpo", "09_tools"):

@@ -153,12 +153,17 @@ def pretrain_section(m, runs):
 
 def long_context_section(m, runs):
     rows = [[s["stage"], s["length"], f"{s['short_loss_before']:.3f} → {s['short_loss']:.3f}",
-             "yes" if s["recovered"] else "no", f"{s['long_position_loss_before']:.3f} → {s['long_position_loss']:.3f}",
+             "yes" if s["recovered"] else "no",
+             f"{s['long_position_loss_before']:.3f} → {s['long_position_loss']:.3f}" if s["stage"] else "—",
              pct(sum(map(sum, s["niah"])) / sum(map(len, s["niah"]))), "yes" if s["niah_solved"] else "no"]
             for s in m["stages"]]
     contrast = [f"Loss past {m['base_len']} at the final length: " +
                 "; ".join(f"{name} {loss:.3f}" for name, loss in m["long_position_loss_contrast"].items()) + ".", ""
                 ] if "long_position_loss_contrast" in m else []
+    lengths = m["stages"][-1]["niah_lengths"]
+    contrast += [f"NIAH by length ({', '.join(map(str, lengths))}): " + "; ".join(
+        f"{name} {' / '.join(pct(a) for a in accuracy)}" for name, accuracy in m["niah_contrast"].items()) + ".", ""
+                 ] if "niah_contrast" in m else []
     return [f"From {m['base_len']} tokens, RoPE lever `{m['config']['rope']}` (§3.4.2: six stages, 8K → 128K).", "",
             *table(["stage", "length", "short-context loss", "recovered", f"loss past {m['base_len']}", "NIAH",
                     "solved"], rows), "", *contrast, *image(runs, "04_long_context", "niah.png")]
