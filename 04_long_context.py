@@ -12,8 +12,9 @@ This script does the same at laptop scale, from 03's checkpoint:
   * training rows packed from the corpus (whole plays, books, modules, with the document mask), plus
     synthetic passkey documents, so the model learns retrieval over distance;
   * the stage gate as the paper defines it, printed per stage, and a NIAH heatmap (depth x length);
-  * the contrast that shows what extension is for: the loss past the pretraining length of the base
-    model with RoPE untouched, with the RoPE lever alone, and after the stages;
+  * the contrast that shows what extension is for: the loss past the pretraining length, and NIAH at
+    every length, of the model before extension with RoPE untouched, with the RoPE lever alone, and
+    after the stages;
   * `--no-doc-mask`: the same extension without the document mask, reported side by side;
   * `--preset retrieval`: a stage 0 first teaches the base model retrieval at its own length (it has
     none: at 7 M parameters it must be taught, short documents first), so the stages have a skill to
@@ -198,16 +199,18 @@ def training_rows(shards, weights, filler, tokenizer, n_rows, length, passkey_fr
 def passkey_row(tokenizer, filler, length, doc_len, rng):
     """A row of `length` + 1 tokens packed with whole retrieval documents (a needle at a random depth
     and the question, `doc_len` - 3 tokens, then the answer), and their doc ids (0, 1, ...)."""
-    ids, doc_ids = [], []
+    ids, doc_ids, doc = [], [], 0
     while len(ids) + doc_len <= length + 1:  # whole documents while they fit
         start = int(rng.integers(0, len(filler) - doc_len))
         number = int(rng.integers(*NUMBERS))
-        doc = needle_example(tokenizer, filler[start:start + doc_len].tolist(), doc_len - 3, float(rng.random()),
-                             number, with_answer=True)
-        doc_ids += [len(doc_ids) and doc_ids[-1] + 1] * len(doc)
-        ids += doc
-    ids = (ids + filler[start:start + length + 1].tolist())[:length + 1]  # topped up with filler (the last document's)
-    doc_ids = (doc_ids + [doc_ids[-1]] * (length + 1))[:length + 1]
+        ids += needle_example(tokenizer, filler[start:start + doc_len].tolist(), doc_len - 3, float(rng.random()),
+                              number, with_answer=True)
+        doc_ids += [doc] * (len(ids) - len(doc_ids))
+        doc += 1
+    # the rest of the row: text from the last document's own filler window, inside that document (a row
+    # of one document, the default, thus stays exactly what it was before stage 0 existed)
+    ids = (ids + filler[start:start + length + 1].tolist())[:length + 1]
+    doc_ids = (doc_ids + [doc - 1] * (length + 1))[:length + 1]
     return torch.tensor(ids), torch.tensor(doc_ids)
 
 
@@ -266,7 +269,7 @@ class Extension:
         self.autocast = mdl.autocast(device, cfg.dtype)
         self.rng, self.step = np.random.default_rng(cfg.seed), 0
         self.records, self.short_before = [], None  # one record per finished stage; the loss to recover
-        self.contrast = None  # (losses, NIAH) before extension: see untrained_contrast and niah_contrast
+        self.contrast = None  # {"loss": ..., "niah": ...} before extension: untrained_contrast, niah_contrast
         self.log_file = None
         model.activation_checkpointing = cfg.activation_checkpointing
 
@@ -285,11 +288,11 @@ class Extension:
         self.log_file.write(json.dumps(record) + "\n")
         self.log_file.flush()
 
-    def train_steps(self, n, stage, length, done, passkey_len=None):
+    def train_steps(self, n, stage, length, done, passkey_len=None, fraction=None):
         """`n` optimizer steps at `length` tokens; `done` steps of this stage came before. Stage 0 packs
-        passkey documents of `passkey_len` tokens into its rows."""
+        passkey documents of `passkey_len` tokens into a share `fraction` of its rows."""
         rows = max(1, self.cfg.batch_tokens // length)
-        fraction = self.cfg.retrieval_fraction if stage == 0 else self.cfg.passkey_fraction
+        fraction = self.cfg.passkey_fraction if fraction is None else fraction
         what = f"{passkey_len}-token passkey documents" if passkey_len else f"{length} tokens"
         size = min(self.cfg.micro_batch or rows, rows)
         for i in range(done, done + n):
@@ -320,12 +323,13 @@ class Extension:
     def teach_retrieval(self, done=0):
         """Stage 0 (--preset retrieval): passkey documents of growing length (retrieval_lengths) packed
         into rows of the pretraining length, the corpus in the other rows; then the gate at that length.
-        `done` steps of it came before (resuming)."""
+        `done` steps of it came before (resuming). A checkpoint every 50 steps at most."""
         cfg, t0 = self.cfg, time.time()
         for doc_len, end in zip(cfg.retrieval_lengths, np.cumsum(cfg.retrieval_steps).tolist()):
-            if done < end:
-                self.train_steps(end - done, 0, self.base_len, done, passkey_len=doc_len)
-                done = end
+            while done < end:
+                n = min(50, end - done)
+                self.train_steps(n, 0, self.base_len, done, passkey_len=doc_len, fraction=cfg.retrieval_fraction)
+                done += n
                 self.save(0, done, None)
         short, grid, recovered, solved = self.gate(0, [self.base_len])
         self.log(f"stage 0 done: retrieval at {self.base_len} tokens, {done} steps | short-context loss {short:.3f} "
@@ -336,6 +340,7 @@ class Extension:
                   "niah": grid.tolist(), "niah_lengths": [self.base_len], "niah_solved": solved}
         self.records.append(record)
         self.write(record)
+        self.short_before = short  # what the stages must recover to: the model before extension is stage 0's
 
     def run_stage(self, stage, length, lengths, done=0, long_before=None):
         """Train a stage, then keep going in chunks of 20 steps (up to extra_steps) while its gate
@@ -393,9 +398,9 @@ class Extension:
 
 
 def untrained_contrast(model, data, cfg, device):
-    """What extension is for: the base model's loss at positions base_len..final length before any
-    training, first with RoPE untouched (positions it never trained on), then with the RoPE lever set
-    for the final length. The model keeps its own args afterwards."""
+    """What extension is for: the loss at positions base_len..final length of the model before any
+    extension (the base model, or stage 0's), first with RoPE untouched (positions it never trained
+    on), then with the RoPE lever set for the final length. The model keeps its own args afterwards."""
     base_args, final = model.args, cfg.stages[-1]
     losses = {}
     for name, lever in [("no extension (RoPE untouched)", "none"), (f"RoPE lever ({cfg.rope}), no training", cfg.rope)]:
@@ -406,7 +411,7 @@ def untrained_contrast(model, data, cfg, device):
     return losses
 
 
-def niah_contrast(model, tokenizer, filler, cfg):
+def niah_contrast(model, tokenizer, filler, cfg, device):
     """The same for retrieval: NIAH accuracy per length (pretraining length, then each stage's), all
     depths, before any extension, with RoPE untouched and with the lever; the needles are those of the
     last stage's gate, so each cell compares with the extended model's."""
@@ -414,7 +419,7 @@ def niah_contrast(model, tokenizer, filler, cfg):
     accuracy = {}
     for name, lever in [("no extension (RoPE untouched)", "none"), (f"RoPE lever ({cfg.rope}), no training", cfg.rope)]:
         set_args(model, extend_rope(base_args, lengths[-1], lengths[0], lengths[-1], lever))
-        with mdl.autocast(next(model.parameters()).device, cfg.dtype):
+        with mdl.autocast(device, cfg.dtype):
             grid = niah_accuracy(model, tokenizer, filler, lengths, cfg.niah_depths, cfg.niah_trials,
                                  seed=cfg.seed + len(cfg.stages))
         accuracy[name] = grid.mean(axis=0).tolist()
@@ -439,8 +444,8 @@ def extend(model, tokenizer, data, cfg, device, out, resume=False, log=print):
             extension.teach_retrieval(done)
             start_stage, done, long_before = 1, 0, None
         if extension.contrast is None:
-            extension.contrast = (untrained_contrast(model, data, cfg, device),
-                                  niah_contrast(model, tokenizer, extension.filler_val, cfg))
+            extension.contrast = {"loss": untrained_contrast(model, data, cfg, device),
+                                  "niah": niah_contrast(model, tokenizer, extension.filler_val, cfg, device)}
         lengths = [extension.base_len] + list(cfg.stages[:start_stage - 1])
         for stage, length in enumerate(cfg.stages[start_stage - 1:], start_stage):
             lengths.append(length)
@@ -478,8 +483,8 @@ def long_context(init, out, cfg, device_name="auto", resume=False):
     # what the flags leave open follows the checkpoint and the device (so a GPU 03 run extends too)
     stages = cfg.stages or tuple(k * base_len for k in (2, 3, 4))
     cfg = pre.for_device(replace(cfg, stages=stages, batch_tokens=cfg.batch_tokens or 4 * stages[-1]), device)
-    check_lengths(cfg, base_len)
     tokenizer = tok.Tokenizer.load(init / "tokenizer.model")
+    check_lengths(cfg, base_len, tokenizer)
     train = pre.TokenShards(init / "data", "train")
     data = pre.Data(train, pre.TokenShards(init / "data", "val"), pre.mix_weights(train, "paper"))
     out.mkdir(parents=True, exist_ok=True)
@@ -489,11 +494,10 @@ def long_context(init, out, cfg, device_name="auto", resume=False):
     if resume and state == "new":
         print(f"no checkpoint in {out} yet: starting from the first stage")
 
-    records, (contrast, niah_before), grid, lengths = extend(model, tokenizer, data, cfg, device, out,
-                                                            resume=state == "interrupted")
+    records, before, grid, lengths = extend(model, tokenizer, data, cfg, device, out, resume=state == "interrupted")
     extended = f"extended ({len(cfg.stages)} stages)"
-    contrast = {**contrast, extended: records[-1]["long_position_loss"]}
-    niah_by_length = {**niah_before, extended: grid.mean(axis=0).tolist()}
+    contrast = {**before["loss"], extended: records[-1]["long_position_loss"]}
+    niah_by_length = {**before["niah"], extended: grid.mean(axis=0).tolist()}
     print_contrast(contrast, niah_by_length, lengths, base_len)
     final_args = replace(model.args, attn_impl="sdpa")
     plot_rope(base_args, final_args, out / "rope.png")
@@ -505,24 +509,30 @@ def long_context(init, out, cfg, device_name="auto", resume=False):
                "final_niah_accuracy": float(np.mean(grid)), "final_short_loss": records[-1]["short_loss"],
                "long_position_loss_contrast": contrast, "niah_contrast": niah_by_length}
     tok.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    mdl.save_checkpoint(out / "model.pt", model, args=final_args, stage=len(records))
+    mdl.save_checkpoint(out / "model.pt", model, args=final_args, stage=len(cfg.stages))
     (out / "ckpt.pt").unlink(missing_ok=True)  # finished: model.pt is the result
     print(f"wrote {out / 'model.pt'} (context {final_args.max_seq_len}), niah.png, rope.png, metrics.json")
     if not cfg.doc_mask:
         report_ablation(base_out)
 
 
-def check_lengths(cfg, base_len):
-    """Stages grow past the pretraining length; stage 0's documents grow up to it, one step count each."""
+def check_lengths(cfg, base_len, tokenizer):
+    """Stages grow past the pretraining length; stage 0's documents grow up to it (from a length that
+    holds the needle, the question and the answer), one step count each."""
     commas = lambda values: ",".join(map(str, values))
+    shortest = 4 + len(tokenizer.encode(NEEDLE.format(number=NUMBERS[0]))) + len(tokenizer.encode(QUESTION))
     if sorted(set(cfg.stages)) != list(cfg.stages) or cfg.stages[0] <= base_len:
         raise tok.UserError(f"--stages {commas(cfg.stages)}: each stage must be longer than the one before, and the "
                             f"first longer than the current context ({base_len} tokens)")
     lengths = list(cfg.retrieval_lengths)
-    if len(lengths) != len(cfg.retrieval_steps) or lengths != sorted(set(lengths)) or max(lengths, default=0) > base_len:
+    if (len(lengths) != len(cfg.retrieval_steps) or lengths != sorted(set(lengths)) or min(cfg.retrieval_steps, default=0) < 0
+            or max(lengths, default=base_len) > base_len or min(lengths, default=shortest) < shortest):
         raise tok.UserError(f"--retrieval-lengths {commas(lengths)} --retrieval-steps {commas(cfg.retrieval_steps)}: "
-                            f"one step count per length, lengths growing and at most the pretraining length "
-                            f"({base_len} tokens)")
+                            f"one step count (>= 0) per length, lengths growing from at least {shortest} tokens (the "
+                            f"needle, question and answer) to at most the pretraining length ({base_len} tokens)")
+    if not (0 <= cfg.passkey_fraction <= 1 and 0 <= cfg.retrieval_fraction <= 1):
+        raise tok.UserError(f"--passkey-fraction {cfg.passkey_fraction}, --retrieval-fraction {cfg.retrieval_fraction}: "
+                            f"each is a share of the rows, from 0 to 1")
 
 
 def print_contrast(losses, niah, lengths, base_len):

@@ -86,8 +86,13 @@ MUTATIONS = {
         "04_long_context.py", "seed=cfg.seed + len(cfg.stages))", "seed=cfg.seed)",
         "tests/test_long_context.py -k stage_0"),
     "stage_0_resumes_from_its_start": (
-        "04_long_context.py", "self.train_steps(end - done, 0, self.base_len, done, passkey_len=doc_len)",
-        "self.train_steps(end - done, 0, self.base_len, 0, passkey_len=doc_len)",
+        "04_long_context.py", "self.train_steps(n, 0, self.base_len, done, passkey_len=doc_len,",
+        "self.train_steps(n, 0, self.base_len, 0, passkey_len=doc_len,", "tests/test_long_context.py -k stage_0"),
+    "stage_0_takes_the_stages_share_of_passkey_rows": (
+        "04_long_context.py", "passkey_len=doc_len, fraction=cfg.retrieval_fraction)", "passkey_len=doc_len)",
+        "tests/test_long_context.py -k stage_0"),
+    "stages_gated_against_the_model_before_stage_0": (
+        "04_long_context.py", "        self.short_before = short  # what the stages must recover to", "        # ",
         "tests/test_long_context.py -k stage_0"),
     "math_benchmark_not_decontaminated": (
         "05_anneal.py",

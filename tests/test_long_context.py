@@ -341,7 +341,7 @@ def test_stage_0_teaches_retrieval_before_the_stages_and_the_contrast_is_measure
     rows_asked, make_rows = [], lc.training_rows
     monkeypatch.setattr(lc, "training_rows", lambda *a: (rows_asked.append((a[5], a[6], a[8])), make_rows(*a))[1])
     argv = long_context_argv(folder, out) + ["--preset", "retrieval", "--retrieval-lengths", "48,64",
-                                             "--retrieval-steps", "3,4", "--steps-per-stage", "2"]
+                                             "--retrieval-steps", "3,4", "--steps-per-stage", "2", "--passkey-fraction", "0.25"]
     lc.main(argv)
     metrics = json.loads((out / "metrics.json").read_text())
     stages = metrics["stages"]
@@ -351,8 +351,11 @@ def test_stage_0_teaches_retrieval_before_the_stages_and_the_contrast_is_measure
     assert [r["length"] for r in steps] == [64] * 7 + [96] * 2 + [128] * 2
     assert [r["step"] for r in steps] == list(range(1, 12))
     assert [r["stage_step"] for r in steps] == [1, 2, 3, 4, 5, 6, 7, 1, 2, 1, 2]  # stage 0's phases: one warmup
-    # (row length, share of passkey rows, their documents' length): the preset's 0.5 in every stage
-    assert rows_asked == [(64, 0.5, 48)] * 3 + [(64, 0.5, 64)] * 4 + [(96, 0.5, None)] * 2 + [(128, 0.5, None)] * 2
+    # (row length, share of passkey rows, their documents' length): stage 0's share, then the stages'
+    assert rows_asked == [(64, 0.5, 48)] * 3 + [(64, 0.5, 64)] * 4 + [(96, 0.25, None)] * 2 + [(128, 0.25, None)] * 2
+    # stage 0 is gated against the 03 model; the stages against stage 0's model, the one they extend
+    assert stages[0]["short_loss_before"] != stages[0]["short_loss"]
+    assert stages[1]["short_loss_before"] == stages[2]["short_loss_before"] == stages[0]["short_loss"]
     # gates: stage 0 at 64; then the contrast, untouched and lever, at every length with the last gate's needles
     assert seen[:3] == [(64, False, (64,), 1234), (128, False, (64, 96, 128), 1236), (128, True, (64, 96, 128), 1236)]
     assert seen[-1] == (128, True, (64, 96, 128), 1236)
@@ -362,24 +365,32 @@ def test_stage_0_teaches_retrieval_before_the_stages_and_the_contrast_is_measure
     assert all(len(v) == 3 for v in contrast.values())
     monkeypatch.undo()
 
-    # interrupted in stage 0's second phase, then --resume: the same log and model as the run above
-    cut, train_steps = tmp_path / "cut", lc.Extension.train_steps
-    def crash_at_the_second_phase(self, n, stage, length, done, passkey_len=None):
-        if passkey_len == 64:
-            raise KeyboardInterrupt
-        return train_steps(self, n, stage, length, done, passkey_len)
-    monkeypatch.setattr(lc.Extension, "train_steps", crash_at_the_second_phase)
-    with pytest.raises(KeyboardInterrupt):
-        lc.main(long_context_argv(folder, cut) + argv[len(long_context_argv(folder, out)):])
-    monkeypatch.undo()
-    assert torch.load(cut / "ckpt.pt", weights_only=True)["done"] == 3
-    lc.main(long_context_argv(folder, cut) + argv[len(long_context_argv(folder, out)):] + ["--resume"])
+    # interrupted in stage 0's second phase, or after stage 0 before stage 1's first checkpoint, then
+    # --resume: the same log, model and contrast as the run above
+    train_steps, flags = lc.Extension.train_steps, argv[len(long_context_argv(folder, out)):]
     without_time = lambda folder: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(folder / "log.jsonl")]
-    assert without_time(cut) == without_time(out)
-    ours, theirs = (torch.load(f / "model.pt", weights_only=True)["model"] for f in (cut, out))
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    assert json.loads((cut / "metrics.json").read_text())["niah_contrast"] == contrast
+    for name, crashes, done in [("phase2", lambda stage, kw: kw.get("passkey_len") == 64, 3),
+                                ("stage1", lambda stage, kw: stage == 1, 7)]:
+        cut = tmp_path / name
+        def crash(self, n, stage, length, at, **kw):
+            if crashes(stage, kw):
+                raise KeyboardInterrupt
+            return train_steps(self, n, stage, length, at, **kw)
+        monkeypatch.setattr(lc.Extension, "train_steps", crash)
+        with pytest.raises(KeyboardInterrupt):
+            lc.main(long_context_argv(folder, cut) + flags)
+        monkeypatch.undo()
+        assert torch.load(cut / "ckpt.pt", weights_only=True)["done"] == done
+        lc.main(long_context_argv(folder, cut) + flags + ["--resume"])
+        assert without_time(cut) == without_time(out), name
+        ours, theirs = (torch.load(f / "model.pt", weights_only=True)["model"] for f in (cut, out))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+        assert json.loads((cut / "metrics.json").read_text())["niah_contrast"] == contrast
     with pytest.raises(tok.UserError, match="at most the pretraining length"):
         lc.main(long_context_argv(folder, tmp_path / "bad") + ["--retrieval-lengths", "48,96", "--retrieval-steps", "1,1"])
-    with pytest.raises(tok.UserError, match="one step count per length"):
+    with pytest.raises(tok.UserError, match="one step count"):
         lc.main(long_context_argv(folder, tmp_path / "bad") + ["--retrieval-lengths", "48,64", "--retrieval-steps", "1"])
+    with pytest.raises(tok.UserError, match="needle, question and answer"):
+        lc.main(long_context_argv(folder, tmp_path / "bad") + ["--retrieval-lengths", "8,64", "--retrieval-steps", "1,1"])
+    with pytest.raises(tok.UserError, match="from 0 to 1"):
+        lc.main(long_context_argv(folder, tmp_path / "bad") + ["--retrieval-fraction", "1.5"])

@@ -154,7 +154,7 @@ def pretrain_section(m, runs):
 def long_context_section(m, runs):
     rows = [[s["stage"], s["length"], f"{s['short_loss_before']:.3f} → {s['short_loss']:.3f}",
              "yes" if s["recovered"] else "no",
-             f"{s['long_position_loss_before']:.3f} → {s['long_position_loss']:.3f}" if s["stage"] else "—",
+             f"{s['long_position_loss_before']:.3f} → {s['long_position_loss']:.3f}" if "long_position_loss" in s else "—",
              pct(sum(map(sum, s["niah"])) / sum(map(len, s["niah"]))), "yes" if s["niah_solved"] else "no"]
             for s in m["stages"]]
     contrast = [f"Loss past {m['base_len']} at the final length: " +
