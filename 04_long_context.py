@@ -397,13 +397,18 @@ class Extension:
         return ckpt["stage"], ckpt["done"], ckpt["long_before"], ckpt["step"]
 
 
+def levers_before_extension(cfg):
+    """The two ways of reading the model before extension at longer lengths: (row name, RoPE lever)."""
+    return [("no extension (RoPE untouched)", "none"), (f"RoPE lever ({cfg.rope}), no training", cfg.rope)]
+
+
 def untrained_contrast(model, data, cfg, device):
     """What extension is for: the loss at positions base_len..final length of the model before any
     extension (the base model, or stage 0's), first with RoPE untouched (positions it never trained
     on), then with the RoPE lever set for the final length. The model keeps its own args afterwards."""
     base_args, final = model.args, cfg.stages[-1]
     losses = {}
-    for name, lever in [("no extension (RoPE untouched)", "none"), (f"RoPE lever ({cfg.rope}), no training", cfg.rope)]:
+    for name, lever in levers_before_extension(cfg):
         set_args(model, extend_rope(base_args, final, base_args.max_seq_len, final, lever))
         losses[name] = long_position_loss(model, data.val, final, base_args.max_seq_len, cfg.eval_rows, cfg.seed,
                                           cfg.doc_mask, device, mdl.autocast(device, cfg.dtype), cfg.micro_batch)
@@ -417,7 +422,7 @@ def niah_contrast(model, tokenizer, filler, cfg, device):
     last stage's gate, so each cell compares with the extended model's."""
     base_args, lengths = model.args, [model.args.max_seq_len, *cfg.stages]
     accuracy = {}
-    for name, lever in [("no extension (RoPE untouched)", "none"), (f"RoPE lever ({cfg.rope}), no training", cfg.rope)]:
+    for name, lever in levers_before_extension(cfg):
         set_args(model, extend_rope(base_args, lengths[-1], lengths[0], lengths[-1], lever))
         with mdl.autocast(device, cfg.dtype):
             grid = niah_accuracy(model, tokenizer, filler, lengths, cfg.niah_depths, cfg.niah_trials,
