@@ -31,7 +31,7 @@ led models to tag custom calls). One token then says "a call follows" for every 
 trained on. parse_tool_call reads built-in calls with or without the tag.
 
 Run it:
-    python 09_tools.py                     # from runs/08_dpo: trains and evaluates, ~12 minutes on CPU
+    python 09_tools.py                     # from runs/08_dpo: trains and evaluates, ~10 minutes on CPU
     python 09_tools.py --seeds 3           # three seeds: the spread of every number
     python 09_tools.py --chat              # ask runs/09_tools/model.pt questions; see each call
 """
