@@ -72,14 +72,32 @@ def test_up_to_date_stages_are_skipped_and_a_change_reruns_the_stage_and_its_rea
     run(chapters, runs)
     assert calls(chapters) == []  # all up to date
     future = time.time() + 5
-    os.utime(chapters / "07_sft.py", (future, future))  # 07's code changed after its run
-    time.sleep(0.01)
+    os.utime(chapters / "06_reward_model.py", (future, future))  # touched (a checkout), the same text
+    run(chapters, runs)
+    assert calls(chapters) == []
+    with open(chapters / "07_sft.py", "a") as f:
+        f.write("# a new line\n")  # 07's code changed after its run
     run(chapters, runs)
     assert [name for name, _ in calls(chapters)] == ["07_sft", "08_dpo", "09_tools"]
     assert (runs / "07_sft.previous" / "metrics.json").is_file()  # the previous run is kept
     run(chapters, runs, rerun=["04_long_context"])
     assert [name for name, _ in calls(chapters)] == ["04_long_context", "05_anneal", "06_reward_model", "07_sft",
                                                      "08_dpo", "09_tools"]
+
+
+def test_without_a_recorded_script_hash_a_script_newer_than_its_outputs_reruns(chapters, tmp_path):
+    runs = tmp_path / "runs"
+    run(chapters, runs)
+    calls(chapters)
+    times = json.loads((runs / "times.json").read_text())
+    assert times["05_anneal"]["script_sha256"] == report.script_sha256(report.STAGES[3], chapters)
+    for entry in times.values():
+        del entry["script_sha256"]  # times.json from before hashes were recorded
+    (runs / "times.json").write_text(json.dumps(times))
+    future = time.time() + 5
+    os.utime(chapters / "05_anneal.py", (future, future))
+    run(chapters, runs)
+    assert [name for name, _ in calls(chapters)] == ["05_anneal", "06_reward_model", "07_sft", "08_dpo", "09_tools"]
 
 
 def test_a_failed_stage_stops_the_report_and_an_interrupted_one_resumes(chapters, tmp_path):

@@ -8,12 +8,14 @@ and the machine.
     python tutorials/report.py --rerun all        # everything again
     python tutorials/report.py --report-only      # just write REPORT.md from what runs/ holds
 
-A stage is up to date when its metrics.json is newer than its script and than the outputs of the stages
-it reads; a stage run again keeps its previous folder as NN_name.previous. A stage interrupted in a
-chapter that resumes (03, 04, 05) is resumed. The budgets below are the course's (60 minutes on 2 CPU
+A stage is up to date when its script's text is the one it last ran (recorded in runs/times.json; else,
+when its metrics.json is newer than its script) and its metrics.json is newer than the outputs of the
+stages it reads; a stage run again keeps its previous folder as NN_name.previous. A stage interrupted in
+a chapter that resumes (03, 04, 05) is resumed. The budgets below are the course's (60 minutes on 2 CPU
 cores in all); the report says which stage went over.
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -57,14 +59,28 @@ STAGES = [Stage("01_tokenizer", (), 0.5, False), Stage("03_pretrain", ("01_token
 # Running the stages
 
 
-def out_of_date(stage, runs, root=ROOT):
-    """Why `stage` must run ("" when its outputs are up to date)."""
+def script_sha256(stage, root=ROOT):
+    path = root / f"{stage.name}.py"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def out_of_date(stage, runs, root=ROOT, ran_sha256=None):
+    """Why `stage` must run ("" when its outputs are up to date). Its script counts as changed when its
+    text differs from the one that made the outputs (`ran_sha256`, kept in times.json), so a touched
+    or re-checked-out file does not rerun a 40-minute chain; without a recorded hash, by modification time."""
     metrics = runs / stage.name / "metrics.json"
     if not metrics.is_file():
         return "not run yet"
-    newer = [p for p in [root / f"{stage.name}.py", *(runs / s / "metrics.json" for s in stage.reads)]
-             if p.is_file() and p.stat().st_mtime > metrics.stat().st_mtime]
-    return f"{newer[0].name if newer[0].suffix == '.py' else newer[0].parent.name} changed since" if newer else ""
+    script = root / f"{stage.name}.py"
+    if ran_sha256 is not None and script.is_file():
+        changed = ran_sha256 != script_sha256(stage, root)
+    else:
+        changed = script.is_file() and script.stat().st_mtime > metrics.stat().st_mtime
+    if changed:
+        return f"{script.name} changed since"
+    newer = [s for s in stage.reads if (runs / s / "metrics.json").is_file()
+             and (runs / s / "metrics.json").stat().st_mtime > metrics.stat().st_mtime]
+    return f"{newer[0]} changed since" if newer else ""
 
 
 def run_stage(stage, runs, log=print, python=sys.executable, root=ROOT):
@@ -99,13 +115,15 @@ def run_all(runs, rerun=(), stages=STAGES, log=print, python=sys.executable, roo
     times_path = runs / "times.json"
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
     for stage in stages:
-        reason = "asked to" if stage.name in rerun or "all" in rerun else out_of_date(stage, runs, root)
+        ran_sha256 = times.get(stage.name, {}).get("script_sha256")
+        reason = "asked to" if stage.name in rerun or "all" in rerun else out_of_date(stage, runs, root, ran_sha256)
         if not reason:
             log(f"{stage.name}: up to date")
             continue
         log(f"\n{stage.name}: running ({reason})")
+        sha256 = script_sha256(stage, root)  # the text that makes these outputs
         seconds = run_stage(stage, runs, log, python, root)
-        times[stage.name] = {"seconds": seconds, "finished": time.strftime("%F %T")}
+        times[stage.name] = {"seconds": seconds, "finished": time.strftime("%F %T"), "script_sha256": sha256}
         times_path.write_text(json.dumps(times, indent=2))
     return times
 
